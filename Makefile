@@ -1,0 +1,117 @@
+# shmbroker developer entry points.
+#
+#   make setup      system packages (apt) + .venv with both distributions installed editable
+#   make run        run the daemon in the foreground: make run ARGS="--config config/x.toml"
+#   make test       lint + typecheck + pytest (PYTEST_ARGS="-k foo -x")
+#   make lint | typecheck | fmt | demo | bench | stress | fuzz | clean
+#
+# `make setup` is idempotent: each step leaves a stamp file inside .venv, so a
+# second run does nothing. Editing pyproject.toml or client/pyproject.toml
+# re-runs the pip install; `make clean` starts over.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+VPY := $(BIN)/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+# Debian packages needed to build systemd-python (and any other C extension).
+APT_PACKAGES := libsystemd-dev pkg-config gcc
+# Only for Debian's own interpreter (/usr/bin/python3): its headers and venv
+# support are separate packages. Another interpreter (pyenv, a self-built
+# Python) carries its own headers and venv, so these are not added for it.
+APT_PYTHON_PACKAGES := python3 python3-dev python3-venv
+
+STAMP_SYSDEPS := $(VENV)/.stamp-sysdeps
+STAMP_VENV := $(VENV)/.stamp-venv
+STAMP_INSTALL := $(VENV)/.stamp-install
+
+.PHONY: help setup run test lint typecheck fmt demo bench stress fuzz clean
+
+help:
+	@echo "targets: setup run test lint typecheck fmt demo bench stress fuzz clean"
+	@echo "  make run ARGS='...'          run shmbrokerd in the foreground"
+	@echo "  make test PYTEST_ARGS='...'  lint, typecheck, then pytest"
+	@echo "  PYTHON=$(PYTHON) (interpreter used to create $(VENV))"
+
+setup: $(STAMP_INSTALL)
+
+# 1. System packages. dpkg -s is cheap, but the stamp makes re-runs free.
+$(STAMP_SYSDEPS):
+	@need="$(APT_PACKAGES)"; \
+	if command -v "$(PYTHON)" >/dev/null 2>&1; then \
+	  prefix="$$("$(PYTHON)" -c 'import sys; print(sys.base_prefix)')"; \
+	  if [ "$$prefix" = /usr ]; then need="$$need $(APT_PYTHON_PACKAGES)"; fi; \
+	elif [ "$(PYTHON)" = python3 ] || [ "$(PYTHON)" = /usr/bin/python3 ]; then \
+	  need="$$need $(APT_PYTHON_PACKAGES)"; \
+	else \
+	  echo "error: PYTHON=$(PYTHON) not found" >&2; exit 1; \
+	fi; \
+	missing=""; \
+	for p in $$need; do \
+	  dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "setup: missing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" -ne 0 ]; then \
+	    echo "error: not root, cannot install them. Run as root:" >&2; \
+	    echo "  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends$$missing" >&2; \
+	    echo "then re-run 'make setup'." >&2; \
+	    exit 1; \
+	  fi; \
+	  apt-get update; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$need; \
+	fi
+	@mkdir -p $(VENV)
+	@touch $@
+
+# 2. The virtualenv, with a current pip.
+$(STAMP_VENV): $(STAMP_SYSDEPS)
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip
+	@touch $@
+
+# 3. Both distributions, editable. Re-runs whenever either pyproject changes.
+$(STAMP_INSTALL): $(STAMP_VENV) pyproject.toml client/pyproject.toml
+	$(VPY) -m pip install -e './client[zmq,numpy]' -e '.[dev]'
+	@touch $@
+
+run: setup
+	exec $(BIN)/shmbrokerd $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+test: setup lint typecheck
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+fmt: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: setup
+	$(VPY) examples/demo.py
+
+bench: setup
+	$(VPY) -m bench
+
+stress: setup
+	$(VPY) -m pytest tests/stress -m stress
+
+fuzz: setup
+	$(VPY) tests/fuzz_live.py --messages 1000000
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build client/build
+	rm -rf ./*.egg-info client/*.egg-info
+	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,93 @@
+"""What the sync and async clients share besides the protocol: parameter
+building and turning replies into results, so each public method of the two
+clients is only "build, call, finish"."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Callable
+from typing import Any, Literal
+
+from . import wire
+from ._protocol import Reply
+from .errors import error_from_errno
+from .segment import Segment
+
+Lifetime = Literal["persistent", "owner", "refcount", "ttl"]
+Access = Literal["ro", "rw"]
+Backing = Literal["shm", "memfd"]
+
+RECV_SIZE = wire.MAX_MESSAGE + 1
+ANC_SIZE = socket.CMSG_SPACE(4 * 4)
+
+
+def create_params(
+    name: str,
+    size: int,
+    lifetime: Lifetime,
+    ttl: float | None,
+    mode: int,
+    exist_ok: bool,
+    backing: Backing,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "size": size,
+        "lifetime": lifetime,
+        "ttl": ttl,
+        "mode": mode,
+        "exist_ok": exist_ok,
+        "backing": backing,
+    }
+
+
+def open_params(name: str, access: Access, wait: float | None) -> dict[str, Any]:
+    return {"name": name, "access": access, "wait": wait}
+
+
+def to_segment(reply: Reply, access: Access, release: Callable[[str], None]) -> Segment:
+    result = reply.unwrap()
+    assert isinstance(result, wire.SegmentLeaseResult)
+    assert reply.fd is not None
+    return Segment(result.segment, result.lease, reply.fd, access, release)
+
+
+def to_info(reply: Reply) -> wire.Segment:
+    result = reply.unwrap()
+    assert isinstance(result, wire.SegmentResult)
+    return result.segment
+
+
+def split_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    import array
+
+    fds = array.array("i")
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+def connection_lost(path: str) -> ConnectionResetError:
+    return ConnectionResetError(errno.ECONNRESET, f"the daemon closed the connection ({path})")
+
+
+def not_running(path: str, exc: OSError) -> OSError:
+    """A clear error for a daemon that is not there, naming the socket path."""
+    if isinstance(exc, FileNotFoundError):
+        return FileNotFoundError(errno.ENOENT, f"no shmbrokerd socket at {path}")
+    if isinstance(exc, ConnectionRefusedError):
+        return ConnectionRefusedError(errno.ECONNREFUSED, f"shmbrokerd is not running at {path}")
+    return error_from_errno(exc.errno or errno.EIO, f"cannot connect to {path}: {exc.strerror}")
+
+
+def sock_for(path: str) -> socket.socket:
+    return socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+
+
+def default_events(path: str) -> str:
+    """The contract's default event endpoint: ``events.sock`` beside the socket."""
+    import os
+
+    return "ipc://" + os.path.join(os.path.dirname(path), "events.sock")

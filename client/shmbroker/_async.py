@@ -1,0 +1,228 @@
+"""The asyncio client: the same protocol object, driven by the event loop.
+
+Replies are matched to requests by id, so many calls may be in flight on one
+connection (an ``open`` with ``wait`` does not hold up the others).  If the
+connection drops, every call in flight raises ``ConnectionResetError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from . import _api, wire
+from ._api import Access, Backing, Lifetime
+from ._paths import socket_path
+from ._protocol import ClientProtocol, Reply
+from .errors import BrokerError
+from .segment import Segment
+
+if TYPE_CHECKING:
+    from ._watch import AsyncWatcher
+
+__all__ = ["AsyncBroker"]
+
+
+class AsyncBroker:
+    """Use ``await AsyncBroker.connect()`` or ``async with AsyncBroker.connect() as b``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._sock = _api.sock_for(path)
+        self._sock.setblocking(False)
+        self._proto = ClientProtocol()
+        self._waiting: dict[int, asyncio.Future[Reply]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lost: BaseException | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def connect(cls, socket: str | os.PathLike[str] | None = None) -> _Connecting:
+        return _Connecting(cls(socket_path(socket)))
+
+    async def _connect(self) -> AsyncBroker:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._loop.sock_connect(self._sock, self.path)
+        except OSError as exc:
+            self._sock.close()
+            raise _api.not_running(self.path, exc) from None
+        self._loop.add_reader(self._sock.fileno(), self._readable)
+        return self
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                msg, anc, _flags, _ = self._sock.recvmsg(_api.RECV_SIZE, _api.ANC_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._fail(exc)
+                return
+            fds = _api.split_fds(anc)
+            if not msg:
+                self._fail(_api.connection_lost(self.path))
+                return
+            try:
+                reply = self._proto.receive(msg, fds)
+            except BrokerError as exc:
+                self._fail(exc)
+                return
+            if reply is None:
+                continue
+            fut = self._waiting.pop(reply.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+            elif reply.fd is not None:
+                os.close(reply.fd)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._lost = exc
+        self._detach()
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(_api.connection_lost(self.path))
+        self._waiting.clear()
+
+    def _detach(self) -> None:
+        if self._loop is not None and self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+
+    async def _call(self, op: str, **params: Any) -> Reply:
+        if self._lost is not None or self._loop is None:
+            raise _api.connection_lost(self.path)
+        rid, data = self._proto.request(op, params)
+        fut: asyncio.Future[Reply] = self._loop.create_future()
+        self._waiting[rid] = fut
+        try:
+            await self._loop.sock_sendall(self._sock, data)
+            return await fut
+        except BaseException:
+            self._waiting.pop(rid, None)
+            self._proto.forget(rid)
+            raise
+
+    async def aclose(self) -> None:
+        self._detach()
+        self._sock.close()
+        self._fail(_api.connection_lost(self.path))
+
+    async def __aenter__(self) -> AsyncBroker:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def _release_later(self, lease: str) -> None:
+        """Segment.close() is synchronous: send the release and do not wait."""
+        if self._lost is None and self._loop is not None:
+            task = self._loop.create_task(self._quiet_release(lease))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _quiet_release(self, lease: str) -> None:
+        with contextlib.suppress(OSError):  # the connection is gone, and with it the lease
+            await self.release(lease)
+
+    # -- API -------------------------------------------------------------------
+
+    async def hello(self, client: str | None = None) -> wire.HelloResult:
+        result = (await self._call("hello", client=client)).unwrap()
+        assert isinstance(result, wire.HelloResult)
+        return result
+
+    async def create(
+        self,
+        name: str,
+        size: int,
+        lifetime: Lifetime = "refcount",
+        ttl: float | None = None,
+        mode: int = 0o600,
+        exist_ok: bool = False,
+        backing: Backing = "shm",
+    ) -> Segment:
+        params = _api.create_params(name, size, lifetime, ttl, mode, exist_ok, backing)
+        return _api.to_segment(await self._call("create", **params), "rw", self._release_later)
+
+    async def open(self, name: str, access: Access = "ro", wait: float | None = None) -> Segment:
+        reply = await self._call("open", **_api.open_params(name, access, wait))
+        return _api.to_segment(reply, access, self._release_later)
+
+    async def release(self, lease: str) -> None:
+        (await self._call("release", lease=lease)).unwrap()
+
+    async def seal(self, name: str) -> wire.Segment:
+        return _api.to_info(await self._call("seal", name=name))
+
+    async def delete(self, name: str) -> None:
+        (await self._call("delete", name=name)).unwrap()
+
+    async def stat(self, name: str) -> wire.Segment:
+        return _api.to_info(await self._call("stat", name=name))
+
+    async def reclaim(self, lease: str) -> wire.Segment:
+        result = (await self._call("reclaim", lease=lease)).unwrap()
+        assert isinstance(result, wire.SegmentLeaseResult)
+        return result.segment
+
+    async def reload(self) -> None:
+        (await self._call("reload")).unwrap()
+
+    async def stats(self) -> wire.StatsResult:
+        result = (await self._call("stats")).unwrap()
+        assert isinstance(result, wire.StatsResult)
+        return result
+
+    async def list(self, prefix: str | None = None) -> AsyncIterator[wire.Segment]:
+        after: str | None = None
+        while True:
+            page = (await self._call("list", prefix=prefix, after=after)).unwrap()
+            assert isinstance(page, wire.ListResult)
+            for seg in page.segments:
+                yield seg
+            if page.next is None:
+                return
+            after = page.next
+
+    async def clients(self) -> AsyncIterator[wire.ClientInfo]:
+        after: int | None = None
+        while True:
+            page = (await self._call("clients", after=after)).unwrap()
+            assert isinstance(page, wire.ClientsResult)
+            for client in page.clients:
+                yield client
+            if page.next is None:
+                return
+            after = page.next
+
+    async def watch(self, prefix: str = "") -> AsyncWatcher:
+        from ._watch import AsyncWatcher
+
+        hello = await self.hello()
+        return AsyncWatcher(hello.events or _api.default_events(self.path), prefix)
+
+
+class _Connecting:
+    """Awaitable and async context manager returned by :meth:`AsyncBroker.connect`."""
+
+    def __init__(self, broker: AsyncBroker) -> None:
+        self._broker = broker
+
+    def __await__(self) -> Any:
+        return self._broker._connect().__await__()
+
+    async def __aenter__(self) -> AsyncBroker:
+        return await self._broker._connect()
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._broker.aclose()

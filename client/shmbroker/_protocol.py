@@ -1,0 +1,100 @@
+"""The client half of the wire protocol, with no I/O (sans-IO).
+
+Both :class:`~shmbroker.Broker` and :class:`~shmbroker.AsyncBroker` drive
+this one object: it numbers requests, encodes them, and turns each received
+datagram (with its fds) into the result model or the exception to raise, so
+the sync and async clients differ only in how they wait.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from . import wire
+from .errors import BrokerError, error_from_code, error_from_errno
+
+__all__ = ["ClientProtocol", "Reply"]
+
+
+@dataclass(slots=True)
+class Reply:
+    id: int
+    op: str
+    result: BaseModel | None
+    error: BrokerError | None
+    fd: int | None
+
+    def unwrap(self) -> BaseModel:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+class ClientProtocol:
+    def __init__(self) -> None:
+        self._next_id = 1
+        self._pending: dict[int, tuple[str, bool]] = {}
+
+    def request(self, op: str, params: dict[str, Any]) -> tuple[int, bytes]:
+        """Encode one request; returns its id and the datagram to send."""
+        rid = self._next_id
+        self._next_id += 1
+        body = {"id": rid, "op": op, **{k: v for k, v in params.items() if v is not None}}
+        data = json.dumps(body, separators=(",", ":")).encode()
+        if len(data) > wire.MAX_MESSAGE:
+            raise error_from_errno(errno.EMSGSIZE, "request over 65536 bytes")
+        expects_fd = op in wire.FD_OPS and params.get("fd", True) is not False
+        self._pending[rid] = (op, expects_fd)
+        return rid, data
+
+    def forget(self, rid: int) -> None:
+        """Stop waiting for ``rid`` (its reply, if it comes, is discarded)."""
+        self._pending.pop(rid, None)
+
+    def receive(self, data: bytes, fds: list[int]) -> Reply | None:
+        """Decode a reply; None if it answers nothing we wait for (fds closed)."""
+        try:
+            body = json.loads(data)
+            rid = body["id"]
+            ok = body["ok"]
+        except (ValueError, TypeError, KeyError):
+            _close(fds)
+            raise error_from_errno(errno.EBADMSG, "malformed reply from the daemon") from None
+        entry = self._pending.pop(rid, None) if isinstance(rid, int) else None
+        if entry is None:
+            _close(fds)
+            if rid is None and not ok:  # the daemon could not read our request
+                err = body.get("error") or {}
+                raise error_from_code(str(err.get("code", "EIO")), str(err.get("message", "")))
+            return None
+        op, expects_fd = entry
+        if not ok:
+            _close(fds)
+            err = body.get("error") or {}
+            exc = error_from_code(str(err.get("code", "EIO")), str(err.get("message", "")))
+            return Reply(rid, op, None, exc, None)
+        try:
+            fields = {k: v for k, v in body.items() if k not in ("id", "ok")}
+            result = wire.RESULTS[op].model_validate(fields)
+        except ValidationError:
+            _close(fds)
+            return Reply(rid, op, None, error_from_errno(errno.EBADMSG, f"bad {op} reply"), None)
+        if expects_fd and len(fds) != 1:
+            _close(fds)
+            return Reply(rid, op, None, error_from_errno(errno.EBADMSG, "expected one fd"), None)
+        if not expects_fd and fds:
+            _close(fds)
+            fds = []
+        return Reply(rid, op, result, None, fds[0] if fds else None)
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)

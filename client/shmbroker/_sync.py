@@ -1,0 +1,153 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from . import _api, wire
+from ._api import Access, Backing, Lifetime
+from ._paths import socket_path
+from ._protocol import ClientProtocol, Reply
+from .segment import Segment
+
+if TYPE_CHECKING:
+    from ._watch import Watcher
+
+__all__ = ["Broker"]
+
+
+class Broker:
+    """A connection to shmbrokerd; thread-safe, one request in flight at a time.
+
+    Raises ``FileNotFoundError``/``ConnectionRefusedError`` naming the socket
+    path when no daemon listens there.
+    """
+
+    def __init__(self, socket: str | os.PathLike[str] | None = None) -> None:
+        self.path = socket_path(socket)
+        self._sock = _api.sock_for(self.path)
+        try:
+            self._sock.connect(self.path)
+        except OSError as exc:
+            self._sock.close()
+            raise _api.not_running(self.path, exc) from None
+        self._proto = ClientProtocol()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _call(self, op: str, **params: Any) -> Reply:
+        with self._lock:
+            if self._closed:
+                raise _api.connection_lost(self.path)
+            rid, data = self._proto.request(op, params)
+            try:
+                self._sock.send(data)
+                while True:
+                    msg, anc, _flags, _ = self._sock.recvmsg(_api.RECV_SIZE, _api.ANC_SIZE)
+                    fds = _api.split_fds(anc)
+                    if not msg:
+                        raise _api.connection_lost(self.path)
+                    reply = self._proto.receive(msg, fds)
+                    if reply is not None and reply.id == rid:
+                        return reply
+            except BaseException:
+                self._proto.forget(rid)
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._sock.close()
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- API -------------------------------------------------------------------
+
+    def hello(self, client: str | None = None) -> wire.HelloResult:
+        result = self._call("hello", client=client).unwrap()
+        assert isinstance(result, wire.HelloResult)
+        return result
+
+    def create(
+        self,
+        name: str,
+        size: int,
+        lifetime: Lifetime = "refcount",
+        ttl: float | None = None,
+        mode: int = 0o600,
+        exist_ok: bool = False,
+        backing: Backing = "shm",
+    ) -> Segment:
+        """Create a segment and map it read-write."""
+        params = _api.create_params(name, size, lifetime, ttl, mode, exist_ok, backing)
+        return _api.to_segment(self._call("create", **params), "rw", self.release)
+
+    def open(self, name: str, access: Access = "ro", wait: float | None = None) -> Segment:
+        """Open and map a segment; with ``wait``, wait that long for its creation."""
+        reply = self._call("open", **_api.open_params(name, access, wait))
+        return _api.to_segment(reply, access, self.release)
+
+    def release(self, lease: str) -> None:
+        self._call("release", lease=lease).unwrap()
+
+    def seal(self, name: str) -> wire.Segment:
+        return _api.to_info(self._call("seal", name=name))
+
+    def delete(self, name: str) -> None:
+        self._call("delete", name=name).unwrap()
+
+    def stat(self, name: str) -> wire.Segment:
+        return _api.to_info(self._call("stat", name=name))
+
+    def reclaim(self, lease: str) -> wire.Segment:
+        result = self._call("reclaim", lease=lease).unwrap()
+        assert isinstance(result, wire.SegmentLeaseResult)
+        return result.segment
+
+    def reload(self) -> None:
+        self._call("reload").unwrap()
+
+    def stats(self) -> wire.StatsResult:
+        result = self._call("stats").unwrap()
+        assert isinstance(result, wire.StatsResult)
+        return result
+
+    def list(self, prefix: str | None = None) -> Iterator[wire.Segment]:
+        """Every segment this peer may read, in name order, page by page."""
+        after: str | None = None
+        while True:
+            page = self._call("list", prefix=prefix, after=after).unwrap()
+            assert isinstance(page, wire.ListResult)
+            yield from page.segments
+            if page.next is None:
+                return
+            after = page.next
+
+    def clients(self) -> Iterator[wire.ClientInfo]:
+        after: int | None = None
+        while True:
+            page = self._call("clients", after=after).unwrap()
+            assert isinstance(page, wire.ClientsResult)
+            yield from page.clients
+            if page.next is None:
+                return
+            after = page.next
+
+    def watch(self, prefix: str = "") -> Watcher:
+        """Subscribe to lifecycle events of names starting with ``prefix`` (needs pyzmq)."""
+        from ._watch import Watcher
+
+        return Watcher(self.hello().events or _api.default_events(self.path), prefix)

@@ -1,0 +1,312 @@
+"""The wire contract (``PROTOCOL.md``, version 1) as pydantic models.
+
+This module is the one definition of the contract in code: the client builds
+requests and reads replies with it, and the daemon imports it to validate
+requests and shape replies.  Requests are strict (no coercion, unknown keys
+refused) because every byte from a peer is hostile; replies are read
+leniently (unknown keys ignored) so an older client can talk to a newer
+daemon.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "MAX_ID",
+    "MAX_MESSAGE",
+    "MAX_NAME",
+    "MAX_TTL",
+    "OPS",
+    "PROTOCOL_VERSION",
+    "REQUESTS",
+    "ClientInfo",
+    "ClientsResult",
+    "Event",
+    "HelloResult",
+    "Limits",
+    "ListResult",
+    "Request",
+    "Segment",
+    "SegmentLeaseResult",
+    "SegmentResult",
+    "StatsResult",
+    "check_name",
+]
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE = 65536
+MAX_NAME = 255
+MAX_ID = 2**63
+#: Longest ttl or wait accepted, in seconds (about 68 years): keeps timers finite.
+MAX_TTL = float(2**31)
+
+_COMPONENT = re.compile(r"[A-Za-z0-9._-]+")
+
+Lifetime = Literal["persistent", "owner", "refcount", "ttl"]
+Backing = Literal["shm", "memfd"]
+Access = Literal["ro", "rw"]
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid segment name.
+
+    Raises a pydantic error of type ``name_too_long`` (the daemon answers
+    ``ENAMETOOLONG``) or ``bad_name`` (``EINVAL``).
+    """
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME:
+        raise PydanticCustomError("name_too_long", "segment name is over 255 bytes")
+    for part in name.split("/"):
+        if part in ("", ".", "..") or not _COMPONENT.fullmatch(part):
+            raise PydanticCustomError(
+                "bad_name",
+                "segment name must be [A-Za-z0-9._-] components joined by '/', "
+                "without empty, '.' or '..' components",
+            )
+    return name
+
+
+Name = Annotated[str, AfterValidator(check_name)]
+Seconds = Annotated[float, Field(ge=0, le=MAX_TTL, allow_inf_nan=False)]
+Token = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    id: int = Field(ge=0, lt=MAX_ID)
+
+
+class Hello(_Request):
+    op: Literal["hello"] = "hello"
+    client: Annotated[str, Field(max_length=1024)] | None = None
+
+
+class Create(_Request):
+    op: Literal["create"] = "create"
+    name: Name
+    size: int = Field(gt=0, lt=2**63)
+    lifetime: Lifetime = "refcount"
+    ttl: Seconds | None = None
+    exist_ok: bool = False
+    mode: int = Field(default=0o600, ge=0, le=0o777)
+    backing: Backing = "shm"
+
+    @model_validator(mode="after")
+    def _ttl_with_ttl_lifetime(self) -> Create:
+        if (self.lifetime == "ttl") != (self.ttl is not None):
+            raise PydanticCustomError(
+                "ttl_lifetime", "'ttl' is required with lifetime 'ttl' and refused otherwise"
+            )
+        return self
+
+
+class Open(_Request):
+    op: Literal["open"] = "open"
+    name: Name
+    access: Access = "ro"
+    wait: Seconds | None = None
+    fd: bool = True
+
+
+class Release(_Request):
+    op: Literal["release"] = "release"
+    lease: Token
+
+
+class Seal(_Request):
+    op: Literal["seal"] = "seal"
+    name: Name
+
+
+class Delete(_Request):
+    op: Literal["delete"] = "delete"
+    name: Name
+
+
+class Stat(_Request):
+    op: Literal["stat"] = "stat"
+    name: Name
+
+
+class List(_Request):
+    op: Literal["list"] = "list"
+    prefix: Annotated[str, Field(max_length=MAX_NAME)] | None = None
+    after: Annotated[str, Field(max_length=MAX_NAME)] | None = None
+    limit: int = Field(default=100, ge=1, le=100)
+
+
+class Reclaim(_Request):
+    op: Literal["reclaim"] = "reclaim"
+    lease: Token
+
+
+class Reload(_Request):
+    op: Literal["reload"] = "reload"
+
+
+class Clients(_Request):
+    op: Literal["clients"] = "clients"
+    after: int | None = Field(default=None, ge=0, lt=MAX_ID)
+    limit: int = Field(default=100, ge=1, le=100)
+
+
+class Stats(_Request):
+    op: Literal["stats"] = "stats"
+
+
+Request = (
+    Hello
+    | Create
+    | Open
+    | Release
+    | Seal
+    | Delete
+    | Stat
+    | List
+    | Reclaim
+    | Reload
+    | Clients
+    | Stats
+)
+
+#: op name -> request model; the daemon dispatches on this table.
+REQUESTS: dict[str, type[_Request]] = {
+    m.model_fields["op"].default: m
+    for m in (
+        Hello,
+        Create,
+        Open,
+        Release,
+        Seal,
+        Delete,
+        Stat,
+        List,
+        Reclaim,
+        Reload,
+        Clients,
+        Stats,
+    )
+}
+OPS = tuple(REQUESTS)
+
+
+class _Reply(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Segment(_Reply):
+    """A segment as the daemon describes it (the contract's Segment object)."""
+
+    id: str
+    name: str
+    size: int
+    lifetime: Lifetime
+    ttl: float | None
+    sealed: bool
+    backing: Backing
+    mode: int
+    created: float
+    owner_uid: int
+    owner_gid: int
+    leases: int
+
+
+class Limits(_Reply):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    max_message: int
+    max_segment_size: int
+    max_wait: float
+    reclaim_window: float
+
+
+class HelloResult(_Reply):
+    server: str
+    versions: list[int]
+    features: list[str]
+    limits: Limits
+    events: str | None = None
+
+
+class SegmentResult(_Reply):
+    segment: Segment
+
+
+class SegmentLeaseResult(_Reply):
+    segment: Segment
+    lease: str
+
+
+class ListResult(_Reply):
+    segments: list[Segment]
+    next: str | None
+
+
+class ClientInfo(_Reply):
+    id: int
+    pid: int
+    uid: int
+    gid: int
+    leases: int
+    connected: float
+
+
+class ClientsResult(_Reply):
+    clients: list[ClientInfo]
+    next: int | None
+
+
+class Empty(_Reply):
+    pass
+
+
+class StatsResult(_Reply):
+    """Counters; more keys may come, so unknown ones are kept."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    uptime: float
+    segments: int
+    bytes: int
+    clients: int
+    requests: dict[str, int]
+    errors: dict[str, int]
+
+
+class Event(_Reply):
+    event: Literal["created", "opened", "released", "sealed", "deleted", "expired"]
+    name: str
+    size: int
+    uid: int | None
+    pid: int | None
+    ts: float
+
+
+#: op name -> model of its success result.
+RESULTS: dict[str, type[_Reply]] = {
+    "hello": HelloResult,
+    "create": SegmentLeaseResult,
+    "open": SegmentLeaseResult,
+    "release": Empty,
+    "seal": SegmentResult,
+    "delete": Empty,
+    "stat": SegmentResult,
+    "list": ListResult,
+    "reclaim": SegmentLeaseResult,
+    "reload": Empty,
+    "clients": ClientsResult,
+    "stats": StatsResult,
+}
+
+#: Ops whose success reply carries exactly one fd (``open`` only when ``fd`` is true).
+FD_OPS = frozenset({"create", "open"})
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """JSON-ready dict of a model (what the daemon puts on the wire)."""
+    return model.model_dump(mode="json")

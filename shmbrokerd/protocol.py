@@ -1,0 +1,114 @@
+"""Request decoding and reply encoding, with no I/O (sans-IO).
+
+The server hands this module exactly what ``recvmsg`` gave it (the datagram,
+how many fds came with it, whether anything was truncated) and gets back a
+validated request or the error to answer.  It never raises for bad input:
+every byte string, however hostile, maps to a reply, which the property tests
+check.  Parsing is done with the stdlib ``json`` under hooks that refuse what
+JSON allows but a request never needs (NaN/Infinity, duplicate keys, huge
+integers, deep nesting), then pydantic validates in strict mode.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from typing import Any
+
+from pydantic import ValidationError
+from shmbroker.errors import BrokerError, error_from_errno
+from shmbroker.wire import MAX_ID, MAX_MESSAGE, REQUESTS, Request
+
+__all__ = ["decode", "encode_error", "encode_ok", "error_code"]
+
+_MAX_INT_DIGITS = 40
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key in object")
+    return obj
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > _MAX_INT_DIGITS:
+        raise ValueError("integer too long")
+    return int(text)
+
+
+_decoder = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_int=_bounded_int
+)
+
+
+def _bad(num: int, message: str) -> BrokerError:
+    return error_from_errno(num, message)
+
+
+def _request_id(obj: object) -> int | None:
+    if isinstance(obj, dict):
+        rid = obj.get("id")
+        if type(rid) is int and 0 <= rid < MAX_ID:
+            return rid
+    return None
+
+
+def _describe(exc: ValidationError) -> tuple[int, str]:
+    """Map the first pydantic error to an errno and a message naming the field."""
+    err = exc.errors(include_url=False, include_context=False, include_input=False)[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    num = errno.ENAMETOOLONG if err["type"] == "name_too_long" else errno.EINVAL
+    return num, f"{loc}: {err['msg']}" if loc else err["msg"]
+
+
+def decode(
+    data: bytes, *, nfds: int = 0, truncated: bool = False
+) -> tuple[int | None, Request | BrokerError]:
+    """Turn one received datagram into ``(id, request)`` or ``(id, error)``.
+
+    ``id`` is the request's id when it could be read, else None.
+    """
+    if truncated or len(data) > MAX_MESSAGE:
+        return None, _bad(errno.EBADMSG, "message over 65536 bytes or truncated")
+    try:
+        text = data.decode("utf-8")
+        obj = _decoder.decode(text)
+    except (ValueError, RecursionError):
+        return None, _bad(errno.EBADMSG, "not a UTF-8 JSON object")
+    rid = _request_id(obj)
+    if not isinstance(obj, dict):
+        return None, _bad(errno.EBADMSG, "not a JSON object")
+    if nfds:
+        return rid, _bad(errno.EBADMSG, "file descriptors are not accepted from clients")
+    if rid is None:
+        return None, _bad(errno.EINVAL, "id: an integer from 0 to 2^63-1 is required")
+    op = obj.get("op")
+    model = REQUESTS.get(op) if isinstance(op, str) else None
+    if model is None:
+        if not isinstance(op, str):
+            return rid, _bad(errno.EINVAL, "op: a string is required")
+        return rid, _bad(errno.EOPNOTSUPP, f"unknown op {op[:64]!r}")
+    try:
+        return rid, model.model_validate(obj)  # type: ignore[return-value]
+    except ValidationError as exc:
+        num, message = _describe(exc)
+        return rid, _bad(num, message)
+
+
+def error_code(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, "EIO")
+
+
+def encode_ok(rid: int, result: dict[str, Any]) -> bytes:
+    return json.dumps({"id": rid, "ok": True, **result}, separators=(",", ":")).encode()
+
+
+def encode_error(rid: int | None, exc: OSError) -> bytes:
+    message = exc.strerror or str(exc)
+    body = {"id": rid, "ok": False, "error": {"code": error_code(exc), "message": message}}
+    return json.dumps(body, separators=(",", ":")).encode()

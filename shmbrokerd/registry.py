@@ -1,0 +1,556 @@
+"""The registry of segments, leases, peers and waiters: every lifetime rule.
+
+Strategy (as h11 keeps its state machine in one module): this file holds
+every transition of ``PROTOCOL.md``'s "Segments, leases and lifetimes" and
+"Who may do what", so a reader can check them against the contract in one
+sitting.  It does no I/O and reads no clock: callers pass ``now`` and drive
+ttl and wait timers from outside, and every side effect the daemon must
+perform (unlink a backing object, publish an event, arm a timer, answer a
+waiting ``open``) is queued as an effect object for the edge to execute,
+drained with :meth:`Registry.drain`.
+
+Creating a segment is two-phase because reserving memory can fail
+(``ENOSPC``) after every rule has passed: :meth:`Registry.check_create`
+decides, the edge creates the backing object, :meth:`Registry.commit_create`
+records it.  Nothing happens in between (the server is single-threaded).
+
+The rules, in brief:
+
+* a lease belongs to the connection that got it; only it may release it;
+  a disconnect releases all of them; a lease outlives its segment's deletion;
+* ``persistent``: unlinked only by ``delete``;
+* ``owner``: unlinked when the creating lease ends;
+* ``refcount``: unlinked when the last lease ends;
+* ``ttl``: unlinked ``ttl`` seconds after the last lease ends; a new lease
+  cancels the countdown (a timer carries a generation number, and a stale
+  generation is ignored);
+* deletion removes the name at once (it may be created again); leases stay;
+* ``seal`` makes every later ``rw`` open ``EPERM``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shmbroker.errors import BrokerError, error_from_errno
+from shmbroker.wire import Create, Open
+
+__all__ = [
+    "ArmTimer",
+    "Effect",
+    "Grant",
+    "Lease",
+    "Limits",
+    "Peer",
+    "Publish",
+    "Registry",
+    "SealBacking",
+    "SegmentRecord",
+    "Unlink",
+    "WaitDone",
+    "Waiting",
+]
+
+Access = Literal["ro", "rw"]
+EventName = Literal["created", "opened", "released", "sealed", "deleted", "expired"]
+
+
+def _refuse(num: int, message: str) -> BrokerError:
+    return error_from_errno(num, message)
+
+
+@dataclass(slots=True)
+class Peer:
+    """One connection, identified by ``SO_PEERCRED`` at accept."""
+
+    id: int
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int]
+    operator: bool
+    connected: float
+    leases: set[str] = field(default_factory=set)
+    waiters: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True, eq=False)
+class SegmentRecord:
+    id: str
+    name: str
+    size: int
+    lifetime: str
+    ttl: float | None
+    backing: str
+    mode: int
+    created: float
+    owner_uid: int
+    owner_gid: int
+    sealed: bool = False
+    live: bool = True
+    creator_lease: str | None = None
+    leases: set[str] = field(default_factory=set)
+    ttl_generation: int = 0
+    ttl_armed: bool = False
+
+    def describe(self) -> dict[str, object]:
+        """The contract's Segment object."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "size": self.size,
+            "lifetime": self.lifetime,
+            "ttl": self.ttl,
+            "sealed": self.sealed,
+            "backing": self.backing,
+            "mode": self.mode,
+            "created": self.created,
+            "owner_uid": self.owner_uid,
+            "owner_gid": self.owner_gid,
+            "leases": len(self.leases),
+        }
+
+
+@dataclass(slots=True)
+class Lease:
+    token: str
+    segment: SegmentRecord
+    uid: int
+    access: Access
+    #: None while the lease waits to be reclaimed after a restart.
+    peer: int | None
+
+
+@dataclass(slots=True)
+class Grant:
+    """A lease granted by create/open/reclaim; ``fd`` says whether to send one."""
+
+    segment: SegmentRecord
+    lease: str
+    access: Access
+    fd: bool
+
+    def result(self) -> dict[str, object]:
+        return {"segment": self.segment.describe(), "lease": self.lease}
+
+
+@dataclass(slots=True)
+class Waiting:
+    """``open`` with ``wait`` on an absent name: arm a timer for ``waiter``."""
+
+    waiter: int
+    timeout: float
+
+
+# -- effects ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Unlink:
+    """Remove the backing object (its mappings stay valid)."""
+
+    segment: SegmentRecord
+
+
+@dataclass(slots=True)
+class SealBacking:
+    """Apply the kernel seals to a memfd."""
+
+    segment: SegmentRecord
+
+
+@dataclass(slots=True)
+class Publish:
+    event: EventName
+    name: str
+    size: int
+    uid: int | None
+    pid: int | None
+
+
+@dataclass(slots=True)
+class ArmTimer:
+    """Call :meth:`Registry.expire` with these arguments after ``delay`` s."""
+
+    segment_id: str
+    generation: int
+    delay: float
+
+
+@dataclass(slots=True)
+class WaitDone:
+    """Answer a waiting ``open``: ``grant`` on success, else ``error``."""
+
+    peer: int
+    waiter: int
+    request_id: int
+    grant: Grant | None
+    error: BrokerError | None
+
+
+Effect = Unlink | SealBacking | Publish | ArmTimer | WaitDone
+
+
+@dataclass(slots=True)
+class _Waiter:
+    id: int
+    peer: Peer
+    request: Open
+
+
+@dataclass(slots=True)
+class Limits:
+    max_segment_size: int
+    max_segments: int
+    max_total_bytes: int
+    max_wait: float
+    memfd_persistent: bool = False
+
+
+@dataclass(slots=True)
+class CreatePlan:
+    """What :meth:`Registry.check_create` decided the edge must make."""
+
+    segment_id: str
+    peer: Peer
+    request: Create
+
+
+class Registry:
+    def __init__(
+        self,
+        limits: Limits,
+        *,
+        new_token: Callable[[], str],
+        new_segment_id: Callable[[], str],
+    ) -> None:
+        self.limits = limits
+        self._new_token = new_token
+        self._new_segment_id = new_segment_id
+        self.segments: dict[str, SegmentRecord] = {}  # live ones, by name
+        self._names: list[str] = []  # sorted names of live segments
+        self.by_id: dict[str, SegmentRecord] = {}  # every segment a lease or timer may name
+        self.leases: dict[str, Lease] = {}
+        self.peers: dict[int, Peer] = {}
+        self._waiters: dict[int, _Waiter] = {}
+        self._waiting_names: dict[str, list[int]] = {}
+        self._next_waiter = 1
+        self.total_bytes = 0
+        self.reclaim_until = 0.0
+        self._effects: list[Effect] = []
+
+    # -- plumbing ------------------------------------------------------------
+
+    def drain(self) -> list[Effect]:
+        """Hand over the effects queued since the last call."""
+        effects, self._effects = self._effects, []
+        return effects
+
+    def _publish(self, event: EventName, seg: SegmentRecord, peer: Peer | None) -> None:
+        self._effects.append(
+            Publish(
+                event,
+                seg.name,
+                seg.size,
+                peer.uid if peer else None,
+                peer.pid if peer else None,
+            )
+        )
+
+    def _live(self, name: str) -> SegmentRecord:
+        seg = self.segments.get(name)
+        if seg is None:
+            raise _refuse(errno.ENOENT, f"no such segment: {name}")
+        return seg
+
+    @staticmethod
+    def may(peer: Peer, seg: SegmentRecord, want: Literal["r", "w"]) -> bool:
+        """Permission bits as for a file: owner, else group, else other."""
+        if peer.operator:
+            return True
+        bit = 4 if want == "r" else 2
+        if peer.uid == seg.owner_uid:
+            return bool((seg.mode >> 6) & bit)
+        if seg.owner_gid == peer.gid or seg.owner_gid in peer.groups:
+            return bool((seg.mode >> 3) & bit)
+        return bool(seg.mode & bit)
+
+    def _require(self, peer: Peer, seg: SegmentRecord, want: Literal["r", "w"], op: str) -> None:
+        if not self.may(peer, seg, want):
+            raise _refuse(errno.EACCES, f"{op} {seg.name}: mode {seg.mode:03o} denies it")
+
+    # -- peers -----------------------------------------------------------------
+
+    def connect(self, peer: Peer) -> None:
+        self.peers[peer.id] = peer
+
+    def disconnect(self, peer_id: int, now: float) -> None:
+        """A connection closed: drop its waiters and release all its leases."""
+        peer = self.peers.pop(peer_id, None)
+        if peer is None:
+            return
+        for wid in list(peer.waiters):
+            self._drop_waiter(wid)
+        for token in list(peer.leases):
+            self._end_lease(token, peer, now)
+
+    # -- create ----------------------------------------------------------------
+
+    def check_create(self, peer: Peer, req: Create, now: float) -> CreatePlan | Grant:
+        """Decide a ``create``: a plan to make the backing, or (``exist_ok``) a grant."""
+        existing = self.segments.get(req.name)
+        if existing is not None:
+            if not req.exist_ok or existing.size != req.size:
+                raise _refuse(errno.EEXIST, f"segment exists: {req.name}")
+            return self._grant(peer, existing, "rw", fd=True, now=now, op="create")
+        lim = self.limits
+        if req.size > lim.max_segment_size:
+            raise _refuse(
+                errno.EINVAL, f"size: {req.size} is over max_segment_size {lim.max_segment_size}"
+            )
+        if req.backing == "memfd" and req.lifetime == "persistent" and not lim.memfd_persistent:
+            raise _refuse(errno.EOPNOTSUPP, "persistent memfd segments need the systemd fd store")
+        if len(self.segments) >= lim.max_segments:
+            raise _refuse(errno.ENOSPC, f"max_segments ({lim.max_segments}) reached")
+        if self.total_bytes + req.size > lim.max_total_bytes:
+            raise _refuse(errno.ENOSPC, f"max_total_bytes ({lim.max_total_bytes}) reached")
+        return CreatePlan(self._new_segment_id(), peer, req)
+
+    def commit_create(self, plan: CreatePlan, now: float) -> Grant:
+        """Record a segment whose backing object the edge has made."""
+        req, peer = plan.request, plan.peer
+        seg = SegmentRecord(
+            id=plan.segment_id,
+            name=req.name,
+            size=req.size,
+            lifetime=req.lifetime,
+            ttl=req.ttl,
+            backing=req.backing,
+            mode=req.mode,
+            created=now,
+            owner_uid=peer.uid,
+            owner_gid=peer.gid,
+        )
+        self._insert(seg)
+        self._publish("created", seg, peer)
+        token = self._add_lease(peer, seg, "rw")
+        seg.creator_lease = token
+        self._wake_waiters(seg, now)
+        return Grant(seg, token, "rw", fd=True)
+
+    def _insert(self, seg: SegmentRecord) -> None:
+        self.segments[seg.name] = seg
+        self.by_id[seg.id] = seg
+        bisect.insort(self._names, seg.name)
+        self.total_bytes += seg.size
+
+    # -- open / wait -------------------------------------------------------------
+
+    def open(self, peer: Peer, req: Open, now: float) -> Grant | Waiting:
+        seg = self.segments.get(req.name)
+        if seg is not None:
+            return self._grant(peer, seg, req.access, fd=req.fd, now=now, op="open")
+        if req.wait is None:
+            raise _refuse(errno.ENOENT, f"no such segment: {req.name}")
+        if req.wait > self.limits.max_wait:
+            raise _refuse(errno.EINVAL, f"wait: over max_wait {self.limits.max_wait}")
+        if req.wait == 0:
+            raise _refuse(errno.ETIMEDOUT, f"no such segment: {req.name}")
+        wid = self._next_waiter
+        self._next_waiter += 1
+        self._waiters[wid] = _Waiter(wid, peer, req)
+        self._waiting_names.setdefault(req.name, []).append(wid)
+        peer.waiters.add(wid)
+        return Waiting(wid, req.wait)
+
+    def wait_timeout(self, waiter: int) -> None:
+        """The edge's timer for a waiting ``open`` ran out."""
+        w = self._waiters.get(waiter)
+        if w is None:
+            return
+        self._drop_waiter(waiter)
+        err = _refuse(errno.ETIMEDOUT, f"no segment {w.request.name} within {w.request.wait} s")
+        self._effects.append(WaitDone(w.peer.id, waiter, w.request.id, None, err))
+
+    def waiting(self, peer_id: int) -> int:
+        peer = self.peers.get(peer_id)
+        return len(peer.waiters) if peer else 0
+
+    def _drop_waiter(self, wid: int) -> None:
+        w = self._waiters.pop(wid)
+        w.peer.waiters.discard(wid)
+        ids = self._waiting_names[w.request.name]
+        ids.remove(wid)
+        if not ids:
+            del self._waiting_names[w.request.name]
+
+    def _wake_waiters(self, seg: SegmentRecord, now: float) -> None:
+        for wid in self._waiting_names.pop(seg.name, []):
+            w = self._waiters.pop(wid)
+            w.peer.waiters.discard(wid)
+            try:
+                grant = self._grant(
+                    w.peer, seg, w.request.access, fd=w.request.fd, now=now, op="open"
+                )
+            except BrokerError as exc:
+                self._effects.append(WaitDone(w.peer.id, wid, w.request.id, None, exc))
+            else:
+                self._effects.append(WaitDone(w.peer.id, wid, w.request.id, grant, None))
+
+    # -- leases ----------------------------------------------------------------
+
+    def _grant(
+        self, peer: Peer, seg: SegmentRecord, access: Access, *, fd: bool, now: float, op: str
+    ) -> Grant:
+        self._require(peer, seg, "w" if access == "rw" else "r", op)
+        if access == "rw" and seg.sealed:
+            raise _refuse(errno.EPERM, f"{seg.name} is sealed: read-only opens only")
+        token = self._add_lease(peer, seg, access)
+        self._publish("opened", seg, peer)
+        return Grant(seg, token, access, fd)
+
+    def _add_lease(self, peer: Peer, seg: SegmentRecord, access: Access) -> str:
+        token = self._new_token()
+        self.leases[token] = Lease(token, seg, peer.uid, access, peer.id)
+        seg.leases.add(token)
+        peer.leases.add(token)
+        if seg.ttl_armed:  # a new lease cancels the countdown
+            seg.ttl_armed = False
+            seg.ttl_generation += 1
+        return token
+
+    def release(self, peer: Peer, token: str, now: float) -> None:
+        if token not in peer.leases:
+            raise _refuse(errno.ENOENT, "no such lease on this connection")
+        self._end_lease(token, peer, now)
+
+    def _end_lease(self, token: str, peer: Peer | None, now: float) -> None:
+        lease = self.leases.pop(token)
+        seg = lease.segment
+        seg.leases.discard(token)
+        if peer is not None:
+            peer.leases.discard(token)
+        self._publish("released", seg, peer)
+        if not seg.live:
+            if not seg.leases:
+                self.by_id.pop(seg.id, None)
+            return
+        if (seg.lifetime == "owner" and token == seg.creator_lease) or (
+            seg.lifetime == "refcount" and not seg.leases
+        ):
+            self._remove(seg, "deleted", peer)
+        elif seg.lifetime == "ttl" and not seg.leases:
+            assert seg.ttl is not None
+            if seg.ttl == 0:
+                self._remove(seg, "expired", None)
+            else:
+                seg.ttl_armed = True
+                seg.ttl_generation += 1
+                self._effects.append(ArmTimer(seg.id, seg.ttl_generation, seg.ttl))
+
+    def expire(self, segment_id: str, generation: int, now: float) -> None:
+        """A ttl countdown armed by :class:`ArmTimer` ran out."""
+        seg = self.by_id.get(segment_id)
+        if seg is None or not seg.live or not seg.ttl_armed or seg.ttl_generation != generation:
+            return
+        self._remove(seg, "expired", None)
+
+    def _remove(self, seg: SegmentRecord, event: EventName, peer: Peer | None) -> None:
+        """Take a segment out of the namespace; its leases live on."""
+        seg.live = False
+        seg.ttl_armed = False
+        del self.segments[seg.name]
+        i = bisect.bisect_left(self._names, seg.name)
+        del self._names[i]
+        self.total_bytes -= seg.size
+        if not seg.leases:
+            self.by_id.pop(seg.id, None)
+        self._effects.append(Unlink(seg))
+        self._publish(event, seg, peer)
+
+    # -- seal, delete, stat, list ----------------------------------------------------
+
+    def seal(self, peer: Peer, name: str) -> SegmentRecord:
+        seg = self._live(name)
+        self._require(peer, seg, "w", "seal")
+        if not seg.sealed:
+            seg.sealed = True
+            if seg.backing == "memfd":
+                self._effects.append(SealBacking(seg))
+            self._publish("sealed", seg, peer)
+        return seg
+
+    def delete(self, peer: Peer, name: str) -> None:
+        seg = self._live(name)
+        self._require(peer, seg, "w", "delete")
+        self._remove(seg, "deleted", peer)
+
+    def stat(self, peer: Peer, name: str) -> SegmentRecord:
+        seg = self._live(name)
+        self._require(peer, seg, "r", "stat")
+        return seg
+
+    def list_page(
+        self, peer: Peer, prefix: str | None, after: str | None, limit: int
+    ) -> tuple[list[SegmentRecord], str | None]:
+        """One page of readable live segments in name order, and the next cursor."""
+        prefix = prefix or ""
+        start = bisect.bisect_right(self._names, after) if after is not None else 0
+        start = max(start, bisect.bisect_left(self._names, prefix))
+        page: list[SegmentRecord] = []
+        for name in self._iter_names(start, prefix):
+            seg = self.segments[name]
+            if not self.may(peer, seg, "r"):
+                continue
+            if len(page) == limit:
+                return page, page[-1].name
+            page.append(seg)
+        return page, None
+
+    def _iter_names(self, start: int, prefix: str) -> Iterator[str]:
+        names = self._names
+        for i in range(start, len(names)):
+            name = names[i]
+            if not name.startswith(prefix):
+                return
+            yield name
+
+    def clients(self, after: int | None, limit: int) -> tuple[list[Peer], int | None]:
+        ids = sorted(pid for pid in self.peers if after is None or pid > after)
+        page = [self.peers[i] for i in ids[:limit]]
+        return page, (page[-1].id if len(ids) > limit else None)
+
+    # -- restart: restore and reclaim ------------------------------------------------
+
+    def restore(self, seg: SegmentRecord, leases: list[tuple[str, int, Access]]) -> None:
+        """Put back a segment (and its held leases) recovered after a restart."""
+        self._insert(seg)
+        for token, uid, access in leases:
+            self.leases[token] = Lease(token, seg, uid, access, None)
+            seg.leases.add(token)
+
+    def reclaim(self, peer: Peer, token: str, now: float) -> Grant:
+        lease = self.leases.get(token)
+        if (
+            lease is None
+            or lease.peer is not None
+            or lease.uid != peer.uid
+            or now > self.reclaim_until
+        ):
+            raise _refuse(errno.ENOENT, "no such lease to reclaim")
+        lease.peer = peer.id
+        peer.leases.add(token)
+        return Grant(lease.segment, token, lease.access, fd=False)
+
+    def end_reclaim_window(self, now: float) -> None:
+        """Release every lease nobody reclaimed; segments follow their lifetime."""
+        self.reclaim_until = 0.0
+        for token in [t for t, lease in self.leases.items() if lease.peer is None]:
+            self._end_lease(token, None, now)
+
+    def unreclaimed(self) -> int:
+        return sum(1 for lease in self.leases.values() if lease.peer is None)

@@ -1,0 +1,569 @@
+"""The socket edge: accept, read, dispatch to the registry, reply with fds.
+
+Strategy: asyncio is used only as a readiness loop (``add_reader`` on
+non-blocking ``SOCK_SEQPACKET`` sockets), because asyncio streams have no
+message boundaries and no ``SCM_RIGHTS``.  Every request is handled to the
+end synchronously, so the registry never sees interleaved half-requests.  A
+reply that the peer's socket cannot take now is queued; a peer whose queue
+fills is dropped, so a client that never reads never delays anyone else.
+Each wakeup reads a bounded batch from one peer for the same reason.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import struct
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shmbroker import wire
+from shmbroker.errors import BrokerError, error_from_errno
+
+from .backing import Store
+from .protocol import decode, encode_error, encode_ok, error_code
+from .registry import (
+    ArmTimer,
+    CreatePlan,
+    Effect,
+    Grant,
+    Peer,
+    Publish,
+    Registry,
+    SealBacking,
+    Unlink,
+    WaitDone,
+    Waiting,
+)
+
+__all__ = ["Server", "ServerLimits"]
+
+log = logging.getLogger("shmbrokerd")
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_MAX_FDS_IN = 253  # SCM_MAX_FD: whatever arrives fits, and is closed
+_ANC_SPACE = socket.CMSG_SPACE(_MAX_FDS_IN * 4)
+_BATCH = 32
+_UCRED = struct.Struct("3i")
+
+
+@dataclass
+class ServerLimits:
+    max_clients: int
+    max_queued_replies: int = 256
+    accept_backoff: float = 0.1
+
+
+@dataclass(eq=False)
+class Connection:
+    sock: socket.socket
+    peer: Peer
+    queue: deque[tuple[bytes, list[int]]] = field(default_factory=deque)
+    writing: bool = False
+    closed: bool = False
+
+
+class Server:
+    """Serves the wire protocol on one listening socket."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        store: Store,
+        limits: ServerLimits,
+        *,
+        publish: Callable[[Publish, float], None],
+        hello_info: Callable[[], dict[str, Any]],
+        reload: Callable[[], None],
+        is_operator: Callable[[int, int, frozenset[int]], bool],
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.registry = registry
+        self.store = store
+        self.limits = limits
+        self._publish = publish
+        self._hello_info = hello_info
+        self._reload = reload
+        self._is_operator = is_operator
+        self._on_change = on_change
+        self.conns: dict[int, Connection] = {}
+        self._next_peer = 1
+        self._listener: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wait_timers: dict[int, asyncio.TimerHandle] = {}
+        self._ttl_timers: dict[str, asyncio.TimerHandle] = {}
+        self.requests: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.started = time.time()
+        self._flushed = asyncio.Event()
+        self._handlers: dict[str, Callable[[Connection, Any], None]] = {
+            "hello": self._op_hello,
+            "create": self._op_create,
+            "open": self._op_open,
+            "release": self._op_release,
+            "seal": self._op_seal,
+            "delete": self._op_delete,
+            "stat": self._op_stat,
+            "list": self._op_list,
+            "reclaim": self._op_reclaim,
+            "reload": self._op_reload,
+            "clients": self._op_clients,
+            "stats": self._op_stats,
+        }
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self, listener: socket.socket) -> None:
+        self._loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        self._listener = listener
+        self._loop.add_reader(listener.fileno(), self._accept)
+
+    def stop_accepting(self) -> None:
+        if self._listener is not None and self._loop is not None:
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+
+    async def drain_and_close(self, deadline: float) -> None:
+        """Flush queued replies until ``deadline`` (monotonic), then drop every peer."""
+        while any(c.queue for c in self.conns.values()):
+            self._flushed.clear()
+            try:
+                await asyncio.wait_for(self._flushed.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+        for conn in list(self.conns.values()):
+            self._close(conn, None)
+        for handle in [*self._wait_timers.values(), *self._ttl_timers.values()]:
+            handle.cancel()
+
+    # -- accept ----------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        assert self._loop is not None
+        for _ in range(_BATCH):
+            try:
+                sock, _addr = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._accept_backoff(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue
+                raise
+            self._admit(sock)
+
+    def _accept_backoff(self, exc: OSError) -> None:
+        """Out of fds or memory: stop accepting for a while instead of spinning."""
+        assert self._listener is not None
+        assert self._loop is not None
+        log.warning(
+            "accept failed (%s); pausing accepts for %.1f s",
+            exc.strerror,
+            self.limits.accept_backoff,
+        )
+        fd = self._listener.fileno()
+        self._loop.remove_reader(fd)
+
+        def resume() -> None:
+            if self._listener is not None and self._loop is not None:
+                self._loop.add_reader(self._listener.fileno(), self._accept)
+
+        self._loop.call_later(self.limits.accept_backoff, resume)
+
+    def _admit(self, sock: socket.socket) -> None:
+        assert self._loop is not None
+        sock.setblocking(False)
+        try:
+            pid, uid, gid = _UCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            )
+            groups = _peer_groups(sock)
+        except OSError as exc:
+            log.warning("dropped a peer before it spoke: %s", exc.strerror)
+            sock.close()
+            return
+        if len(self.conns) >= self.limits.max_clients:
+            log.warning(
+                "refused peer pid=%d uid=%d: max_clients reached",
+                pid,
+                uid,
+                extra={"PEER_PID": pid, "PEER_UID": uid, "ERRNO": "EMFILE"},
+            )
+            err = error_from_errno(errno.EMFILE, "too many clients")
+            with contextlib.suppress(OSError):
+                sock.send(encode_error(None, err))
+            sock.close()
+            return
+        peer = Peer(
+            id=self._next_peer,
+            pid=pid,
+            uid=uid,
+            gid=gid,
+            groups=groups,
+            operator=self._is_operator(uid, gid, groups),
+            connected=time.time(),
+        )
+        self._next_peer += 1
+        conn = Connection(sock, peer)
+        self.conns[peer.id] = conn
+        self.registry.connect(peer)
+        self._loop.add_reader(sock.fileno(), self._readable, conn)
+
+    # -- read ------------------------------------------------------------------
+
+    def _readable(self, conn: Connection) -> None:
+        for _ in range(_BATCH):
+            if conn.closed:
+                return
+            try:
+                data, anc, flags, _ = conn.sock.recvmsg(wire.MAX_MESSAGE + 1, _ANC_SPACE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._close(conn, f"receive failed: {exc.strerror}")
+                return
+            nfds = _close_fds(anc)
+            if not data and not nfds and not flags & socket.MSG_TRUNC:
+                self._close(conn, None)  # an empty datagram is the end of the connection
+                return
+            truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+            self._handle(conn, data, nfds, truncated)
+
+    def _handle(self, conn: Connection, data: bytes, nfds: int, truncated: bool) -> None:
+        rid, req = decode(data, nfds=nfds, truncated=truncated)
+        if isinstance(req, BrokerError):
+            self.requests["invalid"] += 1
+            self._refuse(conn, rid, "invalid", req)
+            return
+        op = req.op
+        self.requests[op] += 1
+        try:
+            self._handlers[op](conn, req)
+        except BrokerError as exc:
+            self._refuse(conn, req.id, op, exc, getattr(req, "name", None))
+        except OSError as exc:  # the system refused us (EMFILE, ENOMEM...): tell the peer
+            log.error("%s failed: %s", op, exc, extra={"OP": op, "ERRNO": error_code(exc)})
+            self._refuse(conn, req.id, op, exc, getattr(req, "name", None))
+        except Exception:  # a bug: keep serving, say so loudly
+            log.exception("internal error in %s", op)
+            self._refuse(conn, req.id, op, error_from_errno(errno.EIO, "internal error"))
+        finally:
+            self._run_effects()
+
+    def _refuse(
+        self, conn: Connection, rid: int | None, op: str, exc: OSError, name: str | None = None
+    ) -> None:
+        self.errors[op] += 1
+        code = error_code(exc)
+        if code in ("EACCES", "EPERM", "EDQUOT"):
+            peer = conn.peer
+            log.info(
+                "denied %s %s to pid=%d uid=%d: %s",
+                op,
+                name or "",
+                peer.pid,
+                peer.uid,
+                exc.strerror,
+                extra={
+                    "OP": op,
+                    "SEGMENT": name or "",
+                    "PEER_PID": peer.pid,
+                    "PEER_UID": peer.uid,
+                    "ERRNO": code,
+                },
+            )
+        self._send(conn, encode_error(rid, exc), [])
+
+    # -- ops -------------------------------------------------------------------
+
+    def _op_hello(self, conn: Connection, req: wire.Hello) -> None:
+        self._send(conn, encode_ok(req.id, self._hello_info()), [])
+
+    def _op_create(self, conn: Connection, req: wire.Create) -> None:
+        now = time.time()
+        decision = self.registry.check_create(conn.peer, req, now)
+        if isinstance(decision, CreatePlan):
+            self.store.create(decision.segment_id, req.size, req.backing)
+            decision = self.registry.commit_create(decision, now)
+            self._on_change()
+        self._send_grant(conn, req.id, decision)
+
+    def _op_open(self, conn: Connection, req: wire.Open) -> None:
+        assert self._loop is not None
+        outcome = self.registry.open(conn.peer, req, time.time())
+        if isinstance(outcome, Waiting):
+            self._wait_timers[outcome.waiter] = self._loop.call_later(
+                outcome.timeout, self._wait_expired, outcome.waiter
+            )
+            return
+        self._send_grant(conn, req.id, outcome)
+
+    def _op_release(self, conn: Connection, req: wire.Release) -> None:
+        self.registry.release(conn.peer, req.lease, time.time())
+        self._send(conn, encode_ok(req.id, {}), [])
+
+    def _op_seal(self, conn: Connection, req: wire.Seal) -> None:
+        seg = self.registry.seal(conn.peer, req.name)
+        self._send(conn, encode_ok(req.id, {"segment": seg.describe()}), [])
+
+    def _op_delete(self, conn: Connection, req: wire.Delete) -> None:
+        self.registry.delete(conn.peer, req.name)
+        self._send(conn, encode_ok(req.id, {}), [])
+
+    def _op_stat(self, conn: Connection, req: wire.Stat) -> None:
+        seg = self.registry.stat(conn.peer, req.name)
+        self._send(conn, encode_ok(req.id, {"segment": seg.describe()}), [])
+
+    def _op_list(self, conn: Connection, req: wire.List) -> None:
+        page, nxt = self.registry.list_page(conn.peer, req.prefix, req.after, req.limit)
+        result = {"segments": [s.describe() for s in page], "next": nxt}
+        self._send(conn, encode_ok(req.id, result), [])
+
+    def _op_reclaim(self, conn: Connection, req: wire.Reclaim) -> None:
+        grant = self.registry.reclaim(conn.peer, req.lease, time.time())
+        self._send_grant(conn, req.id, grant)
+
+    def _require_operator(self, conn: Connection, op: str) -> None:
+        if not conn.peer.operator:
+            raise error_from_errno(errno.EACCES, f"{op} is for operators only")
+
+    def _op_reload(self, conn: Connection, req: wire.Reload) -> None:
+        self._require_operator(conn, "reload")
+        try:
+            self._reload()
+        except ValueError as exc:
+            raise error_from_errno(errno.EINVAL, str(exc)) from None
+        self._send(conn, encode_ok(req.id, {}), [])
+
+    def _op_clients(self, conn: Connection, req: wire.Clients) -> None:
+        self._require_operator(conn, "clients")
+        page, nxt = self.registry.clients(req.after, req.limit)
+        clients = [
+            {
+                "id": p.id,
+                "pid": p.pid,
+                "uid": p.uid,
+                "gid": p.gid,
+                "leases": len(p.leases),
+                "connected": p.connected,
+            }
+            for p in page
+        ]
+        self._send(conn, encode_ok(req.id, {"clients": clients, "next": nxt}), [])
+
+    def _op_stats(self, conn: Connection, req: wire.Stats) -> None:
+        self._require_operator(conn, "stats")
+        self._send(conn, encode_ok(req.id, self.stats()), [])
+
+    def stats(self) -> dict[str, Any]:
+        reg = self.registry
+        return {
+            "uptime": time.time() - self.started,
+            "segments": len(reg.segments),
+            "bytes": reg.total_bytes,
+            "leases": len(reg.leases),
+            "clients": len(self.conns),
+            "requests": dict(self.requests),
+            "errors": dict(self.errors),
+        }
+
+    # -- grants, effects, timers -------------------------------------------------
+
+    def _send_grant(self, conn: Connection, rid: int, grant: Grant) -> None:
+        fds: list[int] = []
+        if grant.fd:
+            seg = grant.segment
+            try:
+                fds.append(self.store.open_fd(seg.id, seg.backing, grant.access))
+            except OSError:
+                self.registry.release(conn.peer, grant.lease, time.time())
+                raise
+        self._send(conn, encode_ok(rid, grant.result()), fds)
+
+    def _run_effects(self) -> None:
+        effects = self.registry.drain()
+        while effects:
+            for eff in effects:
+                self._effect(eff)
+            effects = self.registry.drain()
+
+    def _effect(self, eff: Effect) -> None:
+        assert self._loop is not None
+        if isinstance(eff, Publish):
+            self._publish(eff, time.time())
+        elif isinstance(eff, Unlink):
+            self.store.unlink(eff.segment.id, eff.segment.backing)
+            self._ttl_timers.pop(eff.segment.id, None)
+            self._on_change()
+        elif isinstance(eff, ArmTimer):
+            old = self._ttl_timers.pop(eff.segment_id, None)
+            if old is not None:
+                old.cancel()
+            self._ttl_timers[eff.segment_id] = self._loop.call_later(
+                eff.delay, self._ttl_expired, eff.segment_id, eff.generation
+            )
+        elif isinstance(eff, SealBacking):
+            self.store.seal(eff.segment.id)
+        elif isinstance(eff, WaitDone):
+            timer = self._wait_timers.pop(eff.waiter, None)
+            if timer is not None:
+                timer.cancel()
+            conn = self.conns.get(eff.peer)
+            if conn is None:
+                return
+            if eff.grant is not None:
+                try:
+                    self._send_grant(conn, eff.request_id, eff.grant)
+                except OSError as exc:
+                    self._refuse(conn, eff.request_id, "open", exc)
+            else:
+                assert eff.error is not None
+                self._refuse(conn, eff.request_id, "open", eff.error)
+
+    def _ttl_expired(self, segment_id: str, generation: int) -> None:
+        self._ttl_timers.pop(segment_id, None)
+        self.registry.expire(segment_id, generation, time.time())
+        self._run_effects()
+
+    def _wait_expired(self, waiter: int) -> None:
+        self._wait_timers.pop(waiter, None)
+        self.registry.wait_timeout(waiter)
+        self._run_effects()
+
+    # -- write -----------------------------------------------------------------
+
+    def _send(self, conn: Connection, payload: bytes, fds: list[int]) -> None:
+        """Send now if the socket takes it, else queue; fds are ours to close."""
+        if conn.closed:
+            _close_all(fds)
+            return
+        if conn.queue:
+            self._enqueue(conn, payload, fds)
+            return
+        try:
+            _sendmsg(conn.sock, payload, fds)
+        except BlockingIOError:
+            self._enqueue(conn, payload, fds)
+            return
+        except OSError as exc:
+            _close_all(fds)
+            self._close(conn, f"send failed: {exc.strerror}")
+            return
+        _close_all(fds)
+
+    def _enqueue(self, conn: Connection, payload: bytes, fds: list[int]) -> None:
+        assert self._loop is not None
+        if len(conn.queue) >= self.limits.max_queued_replies:
+            _close_all(fds)
+            self._close(conn, "reply queue full (peer does not read)")
+            return
+        conn.queue.append((payload, fds))
+        if not conn.writing:
+            conn.writing = True
+            self._loop.add_writer(conn.sock.fileno(), self._writable, conn)
+
+    def _writable(self, conn: Connection) -> None:
+        assert self._loop is not None
+        while conn.queue and not conn.closed:
+            payload, fds = conn.queue[0]
+            try:
+                _sendmsg(conn.sock, payload, fds)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._close(conn, f"send failed: {exc.strerror}")
+                return
+            conn.queue.popleft()
+            _close_all(fds)
+        if conn.writing and not conn.closed:
+            conn.writing = False
+            self._loop.remove_writer(conn.sock.fileno())
+        self._flushed.set()
+
+    def _close(self, conn: Connection, reason: str | None) -> None:
+        if conn.closed:
+            return
+        assert self._loop is not None
+        conn.closed = True
+        peer = conn.peer
+        if reason:
+            log.info(
+                "dropped peer pid=%d uid=%d: %s",
+                peer.pid,
+                peer.uid,
+                reason,
+                extra={"PEER_PID": peer.pid, "PEER_UID": peer.uid},
+            )
+        fd = conn.sock.fileno()
+        self._loop.remove_reader(fd)
+        if conn.writing:
+            self._loop.remove_writer(fd)
+        for _payload, fds in conn.queue:
+            _close_all(fds)
+        conn.queue.clear()
+        conn.sock.close()
+        del self.conns[peer.id]
+        for wid in peer.waiters:
+            timer = self._wait_timers.pop(wid, None)
+            if timer is not None:
+                timer.cancel()
+        self.registry.disconnect(peer.id, time.time())
+        self._run_effects()
+
+
+def _sendmsg(sock: socket.socket, payload: bytes, fds: list[int]) -> None:
+    if fds:
+        sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.send(payload)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _close_fds(anc: list[tuple[int, int, bytes]]) -> int:
+    """Close every fd a client sent; return how many there were."""
+    count = 0
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            count += len(fds)
+        else:
+            count += 1  # any other ancillary data is refused the same way
+    return count
+
+
+def _peer_groups(sock: socket.socket) -> frozenset[int]:
+    """Supplementary groups of the peer at connect time (``SO_PEERGROUPS``)."""
+    size = 64 * 4
+    for _ in range(4):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                size *= 8
+                continue
+            raise
+        groups = array.array("I")
+        groups.frombytes(raw[: len(raw) - len(raw) % 4])
+        return frozenset(groups)
+    return frozenset()
