@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import grp
 import logging
 import os
@@ -30,13 +29,16 @@ from . import __version__
 from .backing import Store
 from .config import Config, ConfigError, default_runtime_dir, load
 from .events import EventPublisher, ipc_endpoint_for
-from .registry import Limits, Registry
+from .registry import Limits, Registry, SegmentRecord
 from .server import Server, ServerLimits
+from .state import Loaded, StateFile
+from .systemd_glue import Supervisor
 
 __all__ = ["Daemon", "Options"]
 
 log = logging.getLogger("shmbrokerd")
 SHUTDOWN_GRACE = 3.0
+STATUS_INTERVAL = 2.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class Daemon:
         self.admin_gid = _gid(self.config.admin_group)
         self._stop = asyncio.Event()
         self.exit_code = 0
+        self.supervisor = Supervisor()
+        self.socket_from_systemd = False
 
     def _load(self) -> Config:
         return load(self.options.config, self.options.overrides())
@@ -90,21 +94,27 @@ class Daemon:
     # -- phases ----------------------------------------------------------------
 
     async def run(self) -> int:
-        self._prepare()
-        listener = self._bind()
-        self.events = EventPublisher(self.events_endpoint, self.config.events_hwm)
-        self.events.set_access(
-            os.geteuid(),
-            self.socket_gid if self.socket_gid is not None else os.getegid(),
-            self.config.socket_mode,
-        )
-        self.server.start(listener)
         loop = asyncio.get_running_loop()
+        handover = self.supervisor.take_fds()
+        self._prepare()
+        self._recover(handover.memfds)
+        self.socket_from_systemd = handover.listener is not None
+        listener = handover.listener or self._bind()
+        self.events = EventPublisher(self.events_endpoint, self.config.events_hwm)
+        gid = self.socket_gid if self.socket_gid is not None else os.getegid()
+        self.events.set_access(os.geteuid(), gid, self.config.socket_mode)
+        self.server.start(listener)
+        self.registry.open_reclaim_window(time.time(), self.config.reclaim_window)
+        loop.call_later(self.config.reclaim_window, self._end_reclaim)
+        self.server.run_effects()
         self._install_signals(loop)
+        self.supervisor.ready(self.status_line())
+        self.supervisor.start_watchdog(loop)
+        self._status_timer(loop)
         log.info(
             "shmbrokerd %s ready on %s (events %s)",
             __version__,
-            self.socket_path,
+            self.socket_path + (" (from systemd)" if self.socket_from_systemd else ""),
             self.events_endpoint,
         )
         try:
@@ -116,12 +126,13 @@ class Daemon:
     def _prepare(self) -> None:
         cfg = self.config
         Path(self.socket_path).parent.mkdir(parents=True, exist_ok=True)
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = Store(cfg.shm_prefix)
+        self.state = StateFile(self.state_dir)
         self.registry = Registry(
             self._limits(cfg),
             new_token=lambda: secrets.token_urlsafe(24),
             new_segment_id=_segment_id_factory(),
+            journal=self.state.record,
         )
         self.server = Server(
             self.registry,
@@ -131,8 +142,10 @@ class Daemon:
             hello_info=self.hello_info,
             reload=self.reload,
             is_operator=self.is_operator,
+            before_reply=self._before_reply,
+            memfd_created=self._memfd_created,
+            memfd_unlinked=self.supervisor.drop_fd,
         )
-        self._reconcile()
 
     def _limits(self, cfg: Config) -> Limits:
         total = cfg.max_total_bytes or _tmpfs_size(self.store.shm_dir)
@@ -144,11 +157,91 @@ class Daemon:
             memfd_persistent=cfg.memfd_fdstore,
         )
 
-    def _reconcile(self) -> None:
-        """Objects under our prefix that no state names are leftovers of a crash."""
-        for seg_id in list(self.store.objects()):
+    def _recover(self, memfds: dict[str, int]) -> None:
+        """Take back the segments of the last run and reconcile them with /dev/shm.
+
+        An entry whose object is gone is dropped; an object under our prefix
+        that no entry names is a leftover of a crash and is unlinked.  Both
+        are logged.  Then a fresh snapshot replaces the old state.
+        """
+        loaded = self.state.load()
+        objects = set(self.store.objects())
+        kept = 0
+        for seg_id, rec in loaded.segments.items():
+            seg = _segment_from(rec)
+            if seg is None:
+                log.warning("state: dropping unreadable entry %s", seg_id)
+                continue
+            if seg.backing == "memfd":
+                fd = memfds.pop(seg_id, None)
+                if fd is None:
+                    log.warning(
+                        "state: memfd %s (%s) not in the fd store; dropped", seg.name, seg_id
+                    )
+                    continue
+                self.store.adopt_memfd(seg_id, fd)
+            elif seg_id in objects:
+                objects.discard(seg_id)
+            else:
+                log.warning("state: object of %s (%s) is gone; dropped", seg.name, seg_id)
+                continue
+            self.registry.restore(seg, _leases_of(loaded, seg_id))
+            kept += 1
+        for seg_id in objects:
             log.warning("removing orphaned object %s (no state entry)", self.store.path(seg_id))
             self.store.unlink(seg_id, "shm")
+        for seg_id, fd in memfds.items():
+            log.warning("closing stored memfd %s (no state entry)", seg_id)
+            os.close(fd)
+            self.supervisor.drop_fd(seg_id)
+        if loaded.segments:
+            log.info(
+                "recovered %d of %d segments; %d leases may be reclaimed for %.0f s",
+                kept,
+                len(loaded.segments),
+                self.registry.unreclaimed(),
+                self.config.reclaim_window,
+            )
+        self.state.open()
+        self.state.compact(self.registry.records())
+
+    def _before_reply(self) -> None:
+        """The state must know a change before any reply that depends on it leaves."""
+        self.state.flush()
+        if self.state.wants_compaction:
+            self.state.compact(self.registry.records())
+
+    def _memfd_created(self, segment_id: str) -> None:
+        fd = self.store.memfd(segment_id)
+        if fd is not None and self.config.memfd_fdstore:
+            self.supervisor.store_fd(segment_id, fd)
+
+    def _end_reclaim(self) -> None:
+        count = self.registry.unreclaimed()
+        self.registry.end_reclaim_window(time.time())
+        self.server.run_effects()
+        if count:
+            log.info("reclaim window over: released %d unreclaimed leases", count)
+
+    def status_line(self) -> str:
+        reg = self.registry
+        return (
+            f"{len(reg.segments)} segments, {reg.total_bytes / (1 << 20):.0f} MiB, "
+            f"{len(self.server.conns)} clients"
+        )
+
+    def _status_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        last = ""
+
+        def tick() -> None:
+            nonlocal last
+            line = self.status_line()
+            if line != last:
+                self.supervisor.status(line)
+                last = line
+            loop.call_later(STATUS_INTERVAL, tick)
+
+        loop.call_later(STATUS_INTERVAL, tick)
 
     def _bind(self) -> socket.socket:
         path = self.socket_path
@@ -195,12 +288,18 @@ class Daemon:
             loop.remove_signal_handler(sig)
 
     async def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Stop accepting, flush owed replies, end what ends with leases, save state."""
         log.info("shutting down")
+        self.supervisor.stopping()
+        self.supervisor.stop_watchdog()
         self._remove_signals(loop)
         self.server.stop_accepting()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+        if not self.socket_from_systemd:  # the socket unit owns its socket file
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
         await self.server.drain_and_close(time.monotonic() + SHUTDOWN_GRACE)
+        self.state.compact(self.registry.records())
+        self.state.close()
         self.events.close()
         self.store.close()
         log.info("stopped")
@@ -255,6 +354,34 @@ class Daemon:
             self.reload()
 
 
+def _segment_from(rec: dict[str, Any]) -> SegmentRecord | None:
+    try:
+        return SegmentRecord(
+            id=str(rec["id"]),
+            name=str(rec["name"]),
+            size=int(rec["size"]),
+            lifetime=str(rec["lifetime"]),
+            ttl=None if rec.get("ttl") is None else float(rec["ttl"]),
+            backing=str(rec["backing"]),
+            mode=int(rec["mode"]),
+            created=float(rec["created"]),
+            owner_uid=int(rec["owner_uid"]),
+            owner_gid=int(rec["owner_gid"]),
+            sealed=bool(rec.get("sealed", False)),
+            ttl_deadline=None if rec.get("at") is None else float(rec["at"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _leases_of(loaded: Loaded, seg_id: str) -> list[tuple[str, int, Any, bool]]:
+    return [
+        (token, int(rec["u"]), rec["a"], bool(rec.get("c")))
+        for token, rec in loaded.leases.items()
+        if rec.get("s") == seg_id and rec.get("a") in ("ro", "rw")
+    ]
+
+
 def _tmpfs_size(path: str) -> int:
     st = os.statvfs(path)
     return st.f_blocks * st.f_frsize
@@ -271,7 +398,3 @@ def _segment_id_factory() -> Any:
         return f"{epoch:x}-{counter:x}"
 
     return new_id
-
-
-def _errno_exit(exc: OSError) -> int:
-    return 75 if exc.errno in (errno.EADDRINUSE,) else 1

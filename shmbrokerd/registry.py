@@ -34,7 +34,7 @@ import bisect
 import errno
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from shmbroker.errors import BrokerError, error_from_errno
 from shmbroker.wire import Create, Open
@@ -96,6 +96,8 @@ class SegmentRecord:
     leases: set[str] = field(default_factory=set)
     ttl_generation: int = 0
     ttl_armed: bool = False
+    #: wall-clock end of the running ttl countdown (persisted for restarts)
+    ttl_deadline: float | None = None
 
     def describe(self) -> dict[str, object]:
         """The contract's Segment object."""
@@ -113,6 +115,14 @@ class SegmentRecord:
             "owner_gid": self.owner_gid,
             "leases": len(self.leases),
         }
+
+    def record(self) -> dict[str, Any]:
+        """The state-file form (see ``state.py``)."""
+        rec: dict[str, Any] = self.describe()
+        del rec["leases"]
+        rec["k"] = "seg"
+        rec["at"] = self.ttl_deadline
+        return rec
 
 
 @dataclass(slots=True)
@@ -227,8 +237,10 @@ class Registry:
         *,
         new_token: Callable[[], str],
         new_segment_id: Callable[[], str],
+        journal: Callable[[dict[str, Any]], None] = lambda rec: None,
     ) -> None:
         self.limits = limits
+        self._journal = journal
         self._new_token = new_token
         self._new_segment_id = new_segment_id
         self.segments: dict[str, SegmentRecord] = {}  # live ones, by name
@@ -336,8 +348,9 @@ class Registry:
             owner_gid=peer.gid,
         )
         self._insert(seg)
+        self._journal(seg.record())
         self._publish("created", seg, peer)
-        token = self._add_lease(peer, seg, "rw")
+        token = self._add_lease(peer, seg, "rw", creator=True)
         seg.creator_lease = token
         self._wake_waiters(seg, now)
         return Grant(seg, token, "rw", fd=True)
@@ -413,14 +426,21 @@ class Registry:
         self._publish("opened", seg, peer)
         return Grant(seg, token, access, fd)
 
-    def _add_lease(self, peer: Peer, seg: SegmentRecord, access: Access) -> str:
+    def _add_lease(
+        self, peer: Peer, seg: SegmentRecord, access: Access, creator: bool = False
+    ) -> str:
         token = self._new_token()
         self.leases[token] = Lease(token, seg, peer.uid, access, peer.id)
         seg.leases.add(token)
         peer.leases.add(token)
+        self._journal(
+            {"k": "lease", "t": token, "s": seg.id, "u": peer.uid, "a": access, "c": creator}
+        )
         if seg.ttl_armed:  # a new lease cancels the countdown
             seg.ttl_armed = False
             seg.ttl_generation += 1
+            seg.ttl_deadline = None
+            self._journal({"k": "ttl", "id": seg.id, "at": None})
         return token
 
     def release(self, peer: Peer, token: str, now: float) -> None:
@@ -434,6 +454,8 @@ class Registry:
         seg.leases.discard(token)
         if peer is not None:
             peer.leases.discard(token)
+        if seg.live:
+            self._journal({"k": "unlease", "t": token})
         self._publish("released", seg, peer)
         if not seg.live:
             if not seg.leases:
@@ -445,12 +467,17 @@ class Registry:
             self._remove(seg, "deleted", peer)
         elif seg.lifetime == "ttl" and not seg.leases:
             assert seg.ttl is not None
-            if seg.ttl == 0:
-                self._remove(seg, "expired", None)
-            else:
-                seg.ttl_armed = True
-                seg.ttl_generation += 1
-                self._effects.append(ArmTimer(seg.id, seg.ttl_generation, seg.ttl))
+            self._arm_ttl(seg, now, seg.ttl)
+
+    def _arm_ttl(self, seg: SegmentRecord, now: float, delay: float) -> None:
+        if delay <= 0:
+            self._remove(seg, "expired", None)
+            return
+        seg.ttl_armed = True
+        seg.ttl_generation += 1
+        seg.ttl_deadline = now + delay
+        self._journal({"k": "ttl", "id": seg.id, "at": seg.ttl_deadline})
+        self._effects.append(ArmTimer(seg.id, seg.ttl_generation, delay))
 
     def expire(self, segment_id: str, generation: int, now: float) -> None:
         """A ttl countdown armed by :class:`ArmTimer` ran out."""
@@ -463,7 +490,9 @@ class Registry:
         """Take a segment out of the namespace; its leases live on."""
         seg.live = False
         seg.ttl_armed = False
+        seg.ttl_deadline = None
         del self.segments[seg.name]
+        self._journal({"k": "unseg", "id": seg.id})
         i = bisect.bisect_left(self._names, seg.name)
         del self._names[i]
         self.total_bytes -= seg.size
@@ -479,6 +508,7 @@ class Registry:
         self._require(peer, seg, "w", "seal")
         if not seg.sealed:
             seg.sealed = True
+            self._journal({"k": "seal", "id": seg.id})
             if seg.backing == "memfd":
                 self._effects.append(SealBacking(seg))
             self._publish("sealed", seg, peer)
@@ -524,14 +554,62 @@ class Registry:
         page = [self.peers[i] for i in ids[:limit]]
         return page, (page[-1].id if len(ids) > limit else None)
 
-    # -- restart: restore and reclaim ------------------------------------------------
+    # -- restart: shutdown, restore, reclaim ------------------------------------------
 
-    def restore(self, seg: SegmentRecord, leases: list[tuple[str, int, Access]]) -> None:
-        """Put back a segment (and its held leases) recovered after a restart."""
+    def shutdown(self, now: float) -> None:
+        """The daemon is stopping: end what ends with its leases, keep the rest.
+
+        Leases on ``refcount`` and ``owner`` segments are released (so those
+        segments are unlinked); leases on ``persistent`` and ``ttl`` segments
+        stay in the state, to be reclaimed after the restart.
+        """
+        for peer in list(self.peers.values()):
+            for wid in list(peer.waiters):
+                self._drop_waiter(wid)
+            for token in list(peer.leases):
+                lease = self.leases[token]
+                if lease.segment.lifetime in ("refcount", "owner") or not lease.segment.live:
+                    self._end_lease(token, peer, now)
+                else:
+                    lease.peer = None
+                    peer.leases.discard(token)
+        self.peers.clear()
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """The whole state in state-file records (for a snapshot)."""
+        for seg in self.segments.values():
+            yield seg.record()
+        for lease in self.leases.values():
+            seg = lease.segment
+            if seg.live:
+                yield {
+                    "k": "lease",
+                    "t": lease.token,
+                    "s": seg.id,
+                    "u": lease.uid,
+                    "a": lease.access,
+                    "c": lease.token == seg.creator_lease,
+                }
+
+    def restore(self, seg: SegmentRecord, leases: list[tuple[str, int, Access, bool]]) -> None:
+        """Put back a segment, and its leases awaiting reclaim, after a restart."""
         self._insert(seg)
-        for token, uid, access in leases:
+        for token, uid, access, creator in leases:
             self.leases[token] = Lease(token, seg, uid, access, None)
             seg.leases.add(token)
+            if creator:
+                seg.creator_lease = token
+
+    def open_reclaim_window(self, now: float, window: float) -> None:
+        """Start the reclaim window; countdowns of restored ttl segments resume."""
+        self.reclaim_until = now + window
+        for seg in list(self.segments.values()):
+            if seg.lifetime == "ttl" and not seg.leases:
+                assert seg.ttl is not None
+                remaining = seg.ttl if seg.ttl_deadline is None else seg.ttl_deadline - now
+                self._arm_ttl(seg, now, remaining)
+            elif seg.lifetime in ("refcount", "owner") and not seg.leases:
+                self._remove(seg, "deleted", None)
 
     def reclaim(self, peer: Peer, token: str, now: float) -> Grant:
         lease = self.leases.get(token)
@@ -540,6 +618,7 @@ class Registry:
             or lease.peer is not None
             or lease.uid != peer.uid
             or now > self.reclaim_until
+            or not lease.segment.live
         ):
             raise _refuse(errno.ENOENT, "no such lease to reclaim")
         lease.peer = peer.id

@@ -84,7 +84,9 @@ class Server:
         hello_info: Callable[[], dict[str, Any]],
         reload: Callable[[], None],
         is_operator: Callable[[int, int, frozenset[int]], bool],
-        on_change: Callable[[], None] = lambda: None,
+        before_reply: Callable[[], None] = lambda: None,
+        memfd_created: Callable[[str], None] = lambda segment_id: None,
+        memfd_unlinked: Callable[[str], None] = lambda segment_id: None,
     ) -> None:
         self.registry = registry
         self.store = store
@@ -93,7 +95,9 @@ class Server:
         self._hello_info = hello_info
         self._reload = reload
         self._is_operator = is_operator
-        self._on_change = on_change
+        self._before_reply = before_reply
+        self._memfd_created = memfd_created
+        self._memfd_unlinked = memfd_unlinked
         self.conns: dict[int, Connection] = {}
         self._next_peer = 1
         self._listener: socket.socket | None = None
@@ -128,6 +132,7 @@ class Server:
         self._loop.add_reader(listener.fileno(), self._accept)
 
     def stop_accepting(self) -> None:
+        """Close the listener (its file, if we bound it, is the caller's)."""
         if self._listener is not None and self._loop is not None:
             self._loop.remove_reader(self._listener.fileno())
             self._listener.close()
@@ -141,8 +146,10 @@ class Server:
                 await asyncio.wait_for(self._flushed.wait(), deadline - time.monotonic())
             except TimeoutError:
                 break
+        self.registry.shutdown(time.time())
         for conn in list(self.conns.values()):
             self._close(conn, None)
+        self.run_effects()
         for handle in [*self._wait_timers.values(), *self._ttl_timers.values()]:
             handle.cancel()
 
@@ -261,7 +268,7 @@ class Server:
             log.exception("internal error in %s", op)
             self._refuse(conn, req.id, op, error_from_errno(errno.EIO, "internal error"))
         finally:
-            self._run_effects()
+            self.run_effects()
 
     def _refuse(
         self, conn: Connection, rid: int | None, op: str, exc: OSError, name: str | None = None
@@ -298,7 +305,8 @@ class Server:
         if isinstance(decision, CreatePlan):
             self.store.create(decision.segment_id, req.size, req.backing)
             decision = self.registry.commit_create(decision, now)
-            self._on_change()
+            if req.backing == "memfd":
+                self._memfd_created(decision.segment.id)
         self._send_grant(conn, req.id, decision)
 
     def _op_open(self, conn: Connection, req: wire.Open) -> None:
@@ -393,12 +401,14 @@ class Server:
                 raise
         self._send(conn, encode_ok(rid, grant.result()), fds)
 
-    def _run_effects(self) -> None:
+    def run_effects(self) -> None:
+        """Carry out what the registry queued, then persist its journal."""
         effects = self.registry.drain()
         while effects:
             for eff in effects:
                 self._effect(eff)
             effects = self.registry.drain()
+        self._before_reply()
 
     def _effect(self, eff: Effect) -> None:
         assert self._loop is not None
@@ -407,7 +417,8 @@ class Server:
         elif isinstance(eff, Unlink):
             self.store.unlink(eff.segment.id, eff.segment.backing)
             self._ttl_timers.pop(eff.segment.id, None)
-            self._on_change()
+            if eff.segment.backing == "memfd":
+                self._memfd_unlinked(eff.segment.id)
         elif isinstance(eff, ArmTimer):
             old = self._ttl_timers.pop(eff.segment_id, None)
             if old is not None:
@@ -436,12 +447,12 @@ class Server:
     def _ttl_expired(self, segment_id: str, generation: int) -> None:
         self._ttl_timers.pop(segment_id, None)
         self.registry.expire(segment_id, generation, time.time())
-        self._run_effects()
+        self.run_effects()
 
     def _wait_expired(self, waiter: int) -> None:
         self._wait_timers.pop(waiter, None)
         self.registry.wait_timeout(waiter)
-        self._run_effects()
+        self.run_effects()
 
     # -- write -----------------------------------------------------------------
 
@@ -450,6 +461,7 @@ class Server:
         if conn.closed:
             _close_all(fds)
             return
+        self._before_reply()
         if conn.queue:
             self._enqueue(conn, payload, fds)
             return
@@ -521,7 +533,7 @@ class Server:
             if timer is not None:
                 timer.cancel()
         self.registry.disconnect(peer.id, time.time())
-        self._run_effects()
+        self.run_effects()
 
 
 def _sendmsg(sock: socket.socket, payload: bytes, fds: list[int]) -> None:
