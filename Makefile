@@ -14,7 +14,9 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
 
-PYTHON ?= python3
+# Debian's own interpreter when present: a python under /root (pyenv) cannot be
+# run by the other uids that tests and the demo switch to, nor by the service.
+PYTHON ?= $(if $(wildcard /usr/bin/python3),/usr/bin/python3,python3)
 VENV := .venv
 BIN := $(VENV)/bin
 VPY := $(BIN)/python

@@ -22,7 +22,6 @@ DEFAULT_CONFIG = Path("/etc/shmbroker/shmbrokerd.toml")
 GiB = 1 << 30
 
 LogLevel = Literal["debug", "info", "warning", "error"]
-Backing = Literal["shm", "memfd"]
 
 
 class ConfigError(ValueError):
@@ -46,7 +45,6 @@ class Config(BaseModel):
     max_clients: int = Field(default=1024, ge=1)
     max_wait: float = Field(default=3600.0, ge=0, allow_inf_nan=False)
     reclaim_window: float = Field(default=30.0, ge=0, allow_inf_nan=False)
-    default_backing: Backing = "shm"
     memfd_fdstore: bool = False
     log_level: LogLevel = "info"
 
