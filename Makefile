@@ -34,7 +34,7 @@ STAMP_SYSDEPS := $(VENV)/.stamp-sysdeps
 STAMP_VENV := $(VENV)/.stamp-venv
 STAMP_INSTALL := $(VENV)/.stamp-install
 
-.PHONY: help setup run test lint typecheck fmt demo bench stress fuzz clean
+.PHONY: help setup run test lint typecheck fmt demo bench stress fuzz clean install uninstall
 
 help:
 	@echo "targets: setup run test lint typecheck fmt demo bench stress fuzz clean"
@@ -117,3 +117,34 @@ clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build client/build
 	rm -rf ./*.egg-info client/*.egg-info
 	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+# --- system install (root): what an operator runs, and what the systemd tests use ---
+PREFIX := /opt/shmbroker
+SYSTEM_PYTHON := /usr/bin/python3
+UNITDIR := /etc/systemd/system
+
+install: $(STAMP_SYSDEPS)
+	@[ "$$(id -u)" -eq 0 ] || { echo "error: make install needs root" >&2; exit 1; }
+	[ -x $(PREFIX)/bin/python ] || $(SYSTEM_PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install --quiet --disable-pip-version-check './client[zmq]' .
+	install -d -m 0755 $(PREFIX)/doc /etc/shmbroker /usr/lib/sysusers.d /usr/lib/tmpfiles.d
+	install -m 0644 docs/*.md $(PREFIX)/doc/
+	install -m 0644 systemd/shmbrokerd.service systemd/shmbrokerd.socket $(UNITDIR)/
+	install -m 0644 systemd/shmbrokerd.sysusers /usr/lib/sysusers.d/shmbroker.conf
+	install -m 0644 systemd/shmbrokerd.tmpfiles /usr/lib/tmpfiles.d/shmbroker.conf
+	@# The shipped unit has an fd store, so the installed config says so.
+	[ -e /etc/shmbroker/shmbrokerd.toml ] || sed 's/^memfd_fdstore = false/memfd_fdstore = true/' \
+	  config/shmbrokerd.toml > /etc/shmbroker/shmbrokerd.toml
+	systemd-sysusers /usr/lib/sysusers.d/shmbroker.conf
+	systemd-tmpfiles --create /usr/lib/tmpfiles.d/shmbroker.conf
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed; start with: systemctl enable --now shmbrokerd.socket"
+
+uninstall:
+	@[ "$$(id -u)" -eq 0 ] || { echo "error: make uninstall needs root" >&2; exit 1; }
+	if [ -d /run/systemd/system ]; then systemctl disable --now shmbrokerd.socket shmbrokerd.service || true; fi
+	rm -f $(UNITDIR)/shmbrokerd.service $(UNITDIR)/shmbrokerd.socket
+	rm -f /usr/lib/sysusers.d/shmbroker.conf /usr/lib/tmpfiles.d/shmbroker.conf
+	rm -rf $(PREFIX)
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "uninstalled; kept /etc/shmbroker, /var/lib/shmbroker and the shmbroker user"
