@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import DaemonProc
+from .helpers import PREFIXES, TEST_PREFIX, DaemonProc
 
 
 def _children(pid: int) -> set[int]:
@@ -30,6 +30,12 @@ def _children(pid: int) -> set[int]:
     return kids
 
 
+def _ours(name: str) -> bool:
+    """Entries of daemons we started, or anything not from a test daemon at all
+    (another test run on this machine may have daemons of its own)."""
+    return not name.startswith(TEST_PREFIX) or name.startswith(tuple(PREFIXES))
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     shm_before = set(os.listdir("/dev/shm"))
@@ -37,7 +43,7 @@ def no_leaks() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 3
     while True:
-        shm_left = set(os.listdir("/dev/shm")) - shm_before
+        shm_left = {n for n in set(os.listdir("/dev/shm")) - shm_before if _ours(n)}
         kids_left = _children(os.getpid()) - kids_before
         if not (shm_left or kids_left) or time.monotonic() > deadline:
             break

@@ -22,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+#: shm prefix of every daemon this test process started (the leak check uses it)
+PREFIXES: set[str] = set()
+#: every test daemon's prefix starts so: entries of other test runs are not ours
+TEST_PREFIX = "sbt"
 
 
 def toml_value(v: Any) -> str:
@@ -40,7 +44,8 @@ class DaemonProc:
         os.chmod(self.root, 0o755)
         self.socket = str(self.root / "s.sock")
         self.state_dir = self.root / "state"
-        self.prefix = f"sbt{secrets.token_hex(4)}."
+        self.prefix = f"{TEST_PREFIX}{secrets.token_hex(4)}."
+        PREFIXES.add(self.prefix)
         self.config_path = self.root / "shmbrokerd.toml"
         self.log_path = self.root / "daemon.log"
         self.config: dict[str, Any] = {
@@ -58,7 +63,9 @@ class DaemonProc:
         text = "".join(f"{k} = {toml_value(v)}\n" for k, v in self.config.items())
         self.config_path.write_text(text)
 
-    def start(self, *extra: str, wait: bool = True, env: dict[str, str] | None = None) -> DaemonProc:
+    def start(
+        self, *extra: str, wait: bool = True, env: dict[str, str] | None = None
+    ) -> DaemonProc:
         self.write_config()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

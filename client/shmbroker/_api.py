@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from . import wire
@@ -80,6 +80,24 @@ def not_running(path: str, exc: OSError) -> OSError:
     if isinstance(exc, ConnectionRefusedError):
         return ConnectionRefusedError(errno.ECONNREFUSED, f"shmbrokerd is not running at {path}")
     return error_from_errno(exc.errno or errno.EIO, f"cannot connect to {path}: {exc.strerror}")
+
+
+def backoff(timeout: float) -> Iterator[float]:
+    """Delays between reconnect attempts: 50 ms doubling to 1 s, for ``timeout`` s.
+
+    Ends when the next delay would pass the deadline; the caller then makes
+    one last attempt and lets its error out.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while time.monotonic() + delay <= deadline:
+        yield delay
+        delay = min(delay * 2, 1.0)
+
+
+RETRYABLE = (FileNotFoundError, ConnectionRefusedError)
 
 
 def sock_for(path: str) -> socket.socket:

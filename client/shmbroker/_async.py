@@ -28,31 +28,62 @@ __all__ = ["AsyncBroker"]
 
 
 class AsyncBroker:
-    """Use ``await AsyncBroker.connect()`` or ``async with AsyncBroker.connect() as b``."""
+    """Use ``await AsyncBroker.connect()`` or ``async with AsyncBroker.connect() as b``.
 
-    def __init__(self, path: str) -> None:
+    As with :class:`~shmbroker.Broker`, a daemon restart fails the calls in
+    flight with ``ConnectionError``; the next call reconnects with backoff
+    and reclaims the leases of open segments.
+    """
+
+    def __init__(self, path: str, reconnect_timeout: float = 10.0) -> None:
         self.path = path
+        self.reconnect_timeout = reconnect_timeout
         self._sock = _api.sock_for(path)
-        self._sock.setblocking(False)
         self._proto = ClientProtocol()
         self._waiting: dict[int, asyncio.Future[Reply]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lost: BaseException | None = None
+        self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._leases: set[str] = set()
+        self._reconnecting: asyncio.Lock | None = None
 
     @classmethod
-    def connect(cls, socket: str | os.PathLike[str] | None = None) -> _Connecting:
-        return _Connecting(cls(socket_path(socket)))
+    def connect(
+        cls, socket: str | os.PathLike[str] | None = None, *, reconnect_timeout: float = 10.0
+    ) -> _Connecting:
+        return _Connecting(cls(socket_path(socket), reconnect_timeout))
 
     async def _connect(self) -> AsyncBroker:
         self._loop = asyncio.get_running_loop()
+        sock = _api.sock_for(self.path)
+        sock.setblocking(False)
         try:
-            await self._loop.sock_connect(self._sock, self.path)
+            await self._loop.sock_connect(sock, self.path)
         except OSError as exc:
-            self._sock.close()
+            sock.close()
             raise _api.not_running(self.path, exc) from None
-        self._loop.add_reader(self._sock.fileno(), self._readable)
+        self._sock.close()  # the placeholder, or the connection we lost
+        self._sock = sock
+        self._lost = None
+        self._loop.add_reader(sock.fileno(), self._readable)
         return self
+
+    async def _reconnect(self) -> None:
+        """Connect again with backoff, then reclaim what we held."""
+        for delay in _api.backoff(self.reconnect_timeout):
+            try:
+                await self._connect()
+                break
+            except _api.RETRYABLE:
+                await asyncio.sleep(delay)
+        else:
+            await self._connect()
+        for lease in list(self._leases):
+            try:
+                (await self._send_call("reclaim", {"lease": lease})).unwrap()
+            except FileNotFoundError:
+                self._leases.discard(lease)
 
     # -- plumbing ------------------------------------------------------------
 
@@ -85,6 +116,7 @@ class AsyncBroker:
     def _fail(self, exc: BaseException) -> None:
         self._lost = exc
         self._detach()
+        self._sock.close()
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(_api.connection_lost(self.path))
@@ -95,22 +127,33 @@ class AsyncBroker:
             self._loop.remove_reader(self._sock.fileno())
 
     async def _call(self, op: str, **params: Any) -> Reply:
-        if self._lost is not None or self._loop is None:
+        if self._closed or self._loop is None:
             raise _api.connection_lost(self.path)
+        if self._lost is not None:
+            if self._reconnecting is None:
+                self._reconnecting = asyncio.Lock()
+            async with self._reconnecting:
+                if self._lost is not None:
+                    await self._reconnect()
+        return await self._send_call(op, params)
+
+    async def _send_call(self, op: str, params: dict[str, Any]) -> Reply:
+        assert self._loop is not None
         rid, data = self._proto.request(op, params)
         fut: asyncio.Future[Reply] = self._loop.create_future()
         self._waiting[rid] = fut
         try:
             await self._loop.sock_sendall(self._sock, data)
             return await fut
-        except BaseException:
+        except ConnectionError:
+            self._fail(_api.connection_lost(self.path))
+            raise _api.connection_lost(self.path) from None
+        finally:
             self._waiting.pop(rid, None)
             self._proto.forget(rid)
-            raise
 
     async def aclose(self) -> None:
-        self._detach()
-        self._sock.close()
+        self._closed = True
         self._fail(_api.connection_lost(self.path))
 
     async def __aenter__(self) -> AsyncBroker:
@@ -121,15 +164,21 @@ class AsyncBroker:
     ) -> None:
         await self.aclose()
 
+    def _segment(self, reply: Reply, access: Access) -> Segment:
+        seg = _api.to_segment(reply, access, self._release_later)
+        self._leases.add(seg.lease)
+        return seg
+
     def _release_later(self, lease: str) -> None:
         """Segment.close() is synchronous: send the release and do not wait."""
-        if self._lost is None and self._loop is not None:
+        self._leases.discard(lease)
+        if not self._closed and self._loop is not None:
             task = self._loop.create_task(self._quiet_release(lease))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _quiet_release(self, lease: str) -> None:
-        with contextlib.suppress(OSError):  # the connection is gone, and with it the lease
+        with contextlib.suppress(OSError):  # a lease lost with the connection is no error
             await self.release(lease)
 
     # -- API -------------------------------------------------------------------
@@ -150,11 +199,11 @@ class AsyncBroker:
         backing: Backing = "shm",
     ) -> Segment:
         params = _api.create_params(name, size, lifetime, ttl, mode, exist_ok, backing)
-        return _api.to_segment(await self._call("create", **params), "rw", self._release_later)
+        return self._segment(await self._call("create", **params), "rw")
 
     async def open(self, name: str, access: Access = "ro", wait: float | None = None) -> Segment:
         reply = await self._call("open", **_api.open_params(name, access, wait))
-        return _api.to_segment(reply, access, self._release_later)
+        return self._segment(reply, access)
 
     async def release(self, lease: str) -> None:
         (await self._call("release", lease=lease)).unwrap()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket as _socket
 import threading
+import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -20,51 +23,116 @@ if TYPE_CHECKING:
 __all__ = ["Broker"]
 
 
+class _NotSent(Exception):
+    """The connection was found dead when sending: safe to send again."""
+
+
 class Broker:
     """A connection to shmbrokerd; thread-safe, one request in flight at a time.
 
     Raises ``FileNotFoundError``/``ConnectionRefusedError`` naming the socket
-    path when no daemon listens there.
+    path when no daemon listens there.  If the daemon restarts, the call in
+    flight raises ``ConnectionError``; the next call reconnects (retrying with
+    backoff for up to ``reconnect_timeout`` seconds) and reclaims the leases
+    of this broker's open segments, whose mappings never stopped working.
     """
 
-    def __init__(self, socket: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, socket: str | os.PathLike[str] | None = None, *, reconnect_timeout: float = 10.0
+    ) -> None:
         self.path = socket_path(socket)
-        self._sock = _api.sock_for(self.path)
-        try:
-            self._sock.connect(self.path)
-        except OSError as exc:
-            self._sock.close()
-            raise _api.not_running(self.path, exc) from None
+        self.reconnect_timeout = reconnect_timeout
         self._proto = ClientProtocol()
         self._lock = threading.Lock()
         self._closed = False
+        self._leases: set[str] = set()
+        self._sock: _socket.socket | None = self._connect()
 
     # -- plumbing ------------------------------------------------------------
+
+    def _connect(self) -> _socket.socket:
+        sock = _api.sock_for(self.path)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise _api.not_running(self.path, exc) from None
+        return sock
+
+    def _reconnect(self) -> _socket.socket:
+        """Connect again with backoff, then reclaim what we held."""
+        for delay in _api.backoff(self.reconnect_timeout):
+            try:
+                sock = self._connect()
+                break
+            except _api.RETRYABLE:
+                time.sleep(delay)
+        else:
+            sock = self._connect()
+        self._sock = sock
+        for lease in list(self._leases):
+            try:
+                self._exchange("reclaim", {"lease": lease}).unwrap()
+            except FileNotFoundError:
+                self._leases.discard(lease)  # too late, or the segment is gone
+        return sock
+
+    def _exchange(self, op: str, params: dict[str, Any]) -> Reply:
+        sock = self._sock
+        assert sock is not None
+        rid, data = self._proto.request(op, params)
+        try:
+            try:
+                sock.send(data)
+            except ConnectionError:
+                raise _NotSent from None
+            while True:
+                msg, anc, _flags, _ = sock.recvmsg(_api.RECV_SIZE, _api.ANC_SIZE)
+                fds = _api.split_fds(anc)
+                if not msg:
+                    raise _api.connection_lost(self.path)
+                reply = self._proto.receive(msg, fds)
+                if reply is not None and reply.id == rid:
+                    return reply
+        except (ConnectionError, _NotSent) as exc:
+            self._sock = None
+            sock.close()
+            if isinstance(exc, _NotSent):
+                raise
+            raise _api.connection_lost(self.path) from None
+        finally:
+            self._proto.forget(rid)
 
     def _call(self, op: str, **params: Any) -> Reply:
         with self._lock:
             if self._closed:
                 raise _api.connection_lost(self.path)
-            rid, data = self._proto.request(op, params)
+            if self._sock is None:
+                self._reconnect()
             try:
-                self._sock.send(data)
-                while True:
-                    msg, anc, _flags, _ = self._sock.recvmsg(_api.RECV_SIZE, _api.ANC_SIZE)
-                    fds = _api.split_fds(anc)
-                    if not msg:
-                        raise _api.connection_lost(self.path)
-                    reply = self._proto.receive(msg, fds)
-                    if reply is not None and reply.id == rid:
-                        return reply
-            except BaseException:
-                self._proto.forget(rid)
-                raise
+                return self._exchange(op, params)
+            except _NotSent:  # the daemon went away before it saw this request
+                self._reconnect()
+                return self._exchange(op, params)
 
     def close(self) -> None:
         with self._lock:
             if not self._closed:
                 self._closed = True
-                self._sock.close()
+                if self._sock is not None:
+                    self._sock.close()
+                    self._sock = None
+
+    def _segment(self, reply: Reply, access: Access) -> Segment:
+        seg = _api.to_segment(reply, access, self._release_segment)
+        self._leases.add(seg.lease)
+        return seg
+
+    def _release_segment(self, lease: str) -> None:
+        """Segment.close(): a lease the daemon forgot (restart) is not an error."""
+        self._leases.discard(lease)
+        with contextlib.suppress(FileNotFoundError, ConnectionError):
+            self.release(lease)
 
     def __enter__(self) -> Broker:
         return self
@@ -93,12 +161,11 @@ class Broker:
     ) -> Segment:
         """Create a segment and map it read-write."""
         params = _api.create_params(name, size, lifetime, ttl, mode, exist_ok, backing)
-        return _api.to_segment(self._call("create", **params), "rw", self.release)
+        return self._segment(self._call("create", **params), "rw")
 
     def open(self, name: str, access: Access = "ro", wait: float | None = None) -> Segment:
         """Open and map a segment; with ``wait``, wait that long for its creation."""
-        reply = self._call("open", **_api.open_params(name, access, wait))
-        return _api.to_segment(reply, access, self.release)
+        return self._segment(self._call("open", **_api.open_params(name, access, wait)), access)
 
     def release(self, lease: str) -> None:
         self._call("release", lease=lease).unwrap()

@@ -1,0 +1,85 @@
+"""Clients survive a daemon restart: mappings stay, leases are reclaimed,
+and a call in flight fails with ConnectionError instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from shmbroker import AsyncBroker, Broker
+
+from .helpers import DaemonProc
+
+
+@pytest.fixture
+def restartable() -> DaemonProc:
+    d = DaemonProc({"reclaim_window": 20.0})
+    d.start()
+    yield d  # type: ignore[misc]
+    d.cleanup()
+
+
+def test_sync_client_reclaims_after_sigkill(restartable: DaemonProc) -> None:
+    d = restartable
+    with Broker(d.socket) as b:
+        seg = b.create("re/persist", 4096, lifetime="persistent")
+        seg.buf[:4] = b"abcd"
+        d.kill()
+        d.start()
+        # the mapping never stopped working
+        seg.buf[4:8] = b"efgh"
+        # the next call reconnects and reclaims our lease
+        assert b.stat("re/persist").leases == 1
+        with b.open("re/persist") as again:
+            assert bytes(again.buf[:8]) == b"abcdefgh"
+        seg.close()
+        assert b.stat("re/persist").leases == 0
+        b.delete("re/persist")
+
+
+def test_call_in_flight_raises_connection_error(restartable: DaemonProc) -> None:
+    d = restartable
+    with Broker(d.socket, reconnect_timeout=0.5) as b:
+        b.hello()
+        errors: list[BaseException] = []
+
+        def waiter() -> None:
+            try:
+                b.open("re/never", wait=30)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        d.kill()
+        t.join(10)
+        assert not t.is_alive()
+        assert len(errors) == 1 and isinstance(errors[0], ConnectionError)
+        # with no daemon, reconnecting gives up after reconnect_timeout with a clear error
+        with pytest.raises(OSError, match=d.socket):
+            b.hello()
+
+
+def test_async_client_reclaims_after_restart(restartable: DaemonProc) -> None:
+    d = restartable
+
+    async def scenario() -> None:
+        async with AsyncBroker.connect(d.socket) as b:
+            seg = await b.create("re/async", 4096, lifetime="ttl", ttl=60)
+            pending = asyncio.ensure_future(b.open("re/absent", wait=30))
+            await asyncio.sleep(0.1)
+            d.stop()  # SIGTERM: the ttl segment and its lease are kept for reclaim
+            with pytest.raises(ConnectionError):
+                await pending
+            d.start()
+            info = await b.stat("re/async")
+            assert info.leases == 1
+            seg.buf[0] = 7
+            seg.close()
+            await asyncio.sleep(0.1)
+            assert (await b.stat("re/async")).leases == 0
+            await b.delete("re/async")
+
+    asyncio.run(scenario())
