@@ -7,7 +7,6 @@ import asyncio
 import threading
 
 import pytest
-
 from shmbroker import AsyncBroker, Broker
 
 from .helpers import DaemonProc
@@ -56,7 +55,8 @@ def test_call_in_flight_raises_connection_error(restartable: DaemonProc) -> None
         d.kill()
         t.join(10)
         assert not t.is_alive()
-        assert len(errors) == 1 and isinstance(errors[0], ConnectionError)
+        assert len(errors) == 1
+        assert isinstance(errors[0], ConnectionError)
         # with no daemon, reconnecting gives up after reconnect_timeout with a clear error
         with pytest.raises(OSError, match=d.socket):
             b.hello()
