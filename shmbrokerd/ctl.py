@@ -23,7 +23,7 @@ from types import FrameType
 from typing import Any
 
 from pydantic import BaseModel
-from shmbroker import Broker, BrokerError, ClientInfo, Event, SegmentInfo, socket_path
+from shmbroker import Broker, ClientInfo, Event, SegmentInfo, socket_path
 
 __all__ = ["build_parser", "format_table", "main"]
 
@@ -222,9 +222,14 @@ def cmd_stats(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
     yield format_table(counters) + "\n" + format_table(by_op, OPS_HEADER)
 
 
+def _or_dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
 def _event_line(event: Event) -> str:
-    who = f"uid={_scalar(event.uid)} pid={_scalar(event.pid)}"
-    return f"{_timestamp(event.ts)}  {event.event:<8}  {event.name}  {event.size}  {who}\n"
+    who = f"uid={_or_dash(event.uid)} pid={_or_dash(event.pid)}"
+    size = human_size(event.size)
+    return f"{_timestamp(event.ts)}  {event.event:<8}  {event.name}  {size}  {who}\n"
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
@@ -243,18 +248,17 @@ def cmd_watch(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
 # -- command line --------------------------------------------------------------
 
 
-def _add_common(parser: argparse.ArgumentParser, default: Any) -> None:
+def _add_common(parser: argparse.ArgumentParser, subcommand: bool) -> None:
     """--socket and --json, accepted before and after the command name.
 
-    The subcommands' copies default to SUPPRESS so that an option given
-    before the command is not overwritten by the subcommand's default.
+    A subcommand's copies default to SUPPRESS so that an option given before
+    the command is not overwritten by the subcommand's default.
     """
-    parser.add_argument("--socket", metavar="PATH", default=default, help="the daemon's socket")
+    socket_default = argparse.SUPPRESS if subcommand else None
+    json_default = argparse.SUPPRESS if subcommand else False
+    parser.add_argument("--socket", metavar="PATH", default=socket_default, help="daemon socket")
     parser.add_argument(
-        "--json",
-        action="store_true",
-        default=False if default is None else default,
-        help="machine-readable output (see below)",
+        "--json", action="store_true", default=json_default, help="JSON output (see below)"
     )
 
 
@@ -265,7 +269,7 @@ def _command(
     text: str,
 ) -> argparse.ArgumentParser:
     parser = subs.add_parser(name, help=text, description=text)
-    _add_common(parser, argparse.SUPPRESS)
+    _add_common(parser, subcommand=True)
     parser.set_defaults(handler=handler)
     return parser
 
@@ -277,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_common(parser, None)
+    _add_common(parser, subcommand=False)
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _command(subs, "list", cmd_list, "list the segments you may read").add_argument(
         "prefix", nargs="?", metavar="PREFIX", help="only names starting with PREFIX"
@@ -321,10 +325,9 @@ def _run(handler: Handler, args: argparse.Namespace, path: str) -> None:
         try:
             for chunk in handler(broker, args):
                 _write(chunk)
-        except BrokerError as exc:
-            raise CtlError(f"{exc.code}: {exc.strerror}") from None
-        except OSError as exc:
-            raise CtlError(f"shmbrokerd at {path}: {exc.strerror or exc}") from None
+        except OSError as exc:  # a BrokerError from the daemon, or the connection failing
+            name = errno.errorcode.get(exc.errno or 0, "EIO")
+            raise CtlError(f"{name}: {exc.strerror or exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

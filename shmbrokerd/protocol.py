@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from pydantic import ValidationError
-from shmbroker.errors import BrokerError, error_from_errno
+from shmbroker.errors import BrokerError, errno_name, error_from_errno
 from shmbroker.wire import MAX_ID, MAX_MESSAGE, REQUESTS, Request
 
 __all__ = ["decode", "encode_error", "encode_ok", "error_code"]
@@ -101,7 +101,7 @@ def decode(
 
 
 def error_code(exc: OSError) -> str:
-    return errno.errorcode.get(exc.errno or 0, "EIO")
+    return errno_name(exc.errno)
 
 
 def encode_ok(rid: int, result: dict[str, Any]) -> bytes:

@@ -17,9 +17,21 @@ __all__ = [
     "SegmentNotFoundError",
     "SegmentPermissionError",
     "SegmentTimeoutError",
+    "errno_name",
     "error_from_code",
     "error_from_errno",
 ]
+
+
+#: Where Linux has two names for one number, the contract uses these.
+_CONTRACT_NAMES = {errno.EOPNOTSUPP: "EOPNOTSUPP", errno.EAGAIN: "EAGAIN"}
+
+
+def errno_name(num: int | None) -> str:
+    """The errno name the contract uses for ``num`` (``EOPNOTSUPP``, not ``ENOTSUP``)."""
+    if num is None:
+        return "EIO"
+    return _CONTRACT_NAMES.get(num) or errno.errorcode.get(num, "EIO")
 
 
 class BrokerError(OSError):
@@ -27,7 +39,7 @@ class BrokerError(OSError):
 
     @property
     def code(self) -> str:
-        return errno.errorcode.get(self.errno or 0, "EIO")
+        return errno_name(self.errno)
 
 
 class SegmentNotFoundError(BrokerError, FileNotFoundError):
