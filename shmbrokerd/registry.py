@@ -364,13 +364,13 @@ class Registry:
     # -- open / wait -------------------------------------------------------------
 
     def open(self, peer: Peer, req: Open, now: float) -> Grant | Waiting:
+        if req.wait is not None and req.wait > self.limits.max_wait:
+            raise _refuse(errno.EINVAL, f"wait: over max_wait {self.limits.max_wait}")
         seg = self.segments.get(req.name)
         if seg is not None:
             return self._grant(peer, seg, req.access, fd=req.fd, now=now, op="open")
         if req.wait is None:
             raise _refuse(errno.ENOENT, f"no such segment: {req.name}")
-        if req.wait > self.limits.max_wait:
-            raise _refuse(errno.EINVAL, f"wait: over max_wait {self.limits.max_wait}")
         if req.wait == 0:
             raise _refuse(errno.ETIMEDOUT, f"no such segment: {req.name}")
         wid = self._next_waiter

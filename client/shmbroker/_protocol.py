@@ -64,22 +64,19 @@ class ClientProtocol:
             body = json.loads(data)
             rid = body["id"]
             ok = body["ok"]
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):
             _close(fds)
             raise error_from_errno(errno.EBADMSG, "malformed reply from the daemon") from None
-        entry = self._pending.pop(rid, None) if isinstance(rid, int) else None
+        entry = self._pending.pop(rid, None) if type(rid) is int else None
         if entry is None:
             _close(fds)
-            if rid is None and not ok:  # the daemon could not read our request
-                err = body.get("error") or {}
-                raise error_from_code(str(err.get("code", "EIO")), str(err.get("message", "")))
+            if rid is None and ok is False:  # the daemon could not read our request
+                raise _reply_error(body)
             return None
         op, expects_fd = entry
-        if not ok:
+        if ok is not True:
             _close(fds)
-            err = body.get("error") or {}
-            exc = error_from_code(str(err.get("code", "EIO")), str(err.get("message", "")))
-            return Reply(rid, op, None, exc, None)
+            return Reply(rid, op, None, _reply_error(body), None)
         try:
             fields = {k: v for k, v in body.items() if k not in ("id", "ok")}
             result = wire.RESULTS[op].model_validate(fields)
@@ -93,6 +90,13 @@ class ClientProtocol:
             _close(fds)
             fds = []
         return Reply(rid, op, result, None, fds[0] if fds else None)
+
+
+def _reply_error(body: dict[str, Any]) -> BrokerError:
+    err = body.get("error")
+    if not isinstance(err, dict):
+        return error_from_errno(errno.EBADMSG, "malformed error reply from the daemon")
+    return error_from_code(str(err.get("code", "EIO")), str(err.get("message", "")))
 
 
 def _close(fds: list[int]) -> None:
