@@ -461,7 +461,9 @@ class Server:
         if conn.closed:
             _close_all(fds)
             return
-        self._before_reply()
+        # What the reply reports must already be true: unlinks, seals and the
+        # journal happen before it leaves.
+        self.run_effects()
         if conn.queue:
             self._enqueue(conn, payload, fds)
             return
