@@ -126,7 +126,12 @@ UNITDIR := /etc/systemd/system
 install: $(STAMP_SYSDEPS)
 	@[ "$$(id -u)" -eq 0 ] || { echo "error: make install needs root" >&2; exit 1; }
 	[ -x $(PREFIX)/bin/python ] || $(SYSTEM_PYTHON) -m venv $(PREFIX)
-	$(PREFIX)/bin/pip install --quiet --disable-pip-version-check './client[zmq]' .
+	@# pip builds in the source tree: build from a copy, or root-owned build/ and
+	@# *.egg-info directories are left in the checkout.
+	src="$$(mktemp -d)"; trap 'rm -rf "$$src"' EXIT; \
+	cp -r pyproject.toml README.md shmbrokerd "$$src/"; \
+	mkdir "$$src/client"; cp -r client/pyproject.toml client/shmbroker "$$src/client/"; \
+	$(PREFIX)/bin/pip install --quiet --disable-pip-version-check "$$src/client[zmq]" "$$src"
 	install -d -m 0755 $(PREFIX)/doc /etc/shmbroker /usr/lib/sysusers.d /usr/lib/tmpfiles.d
 	install -m 0644 docs/*.md $(PREFIX)/doc/
 	install -m 0644 systemd/shmbrokerd.service systemd/shmbrokerd.socket $(UNITDIR)/

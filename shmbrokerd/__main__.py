@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import DEFAULT_CONFIG, ConfigError
 from .daemon import Daemon, Options
+from .systemd_glue import journal_handler
 
 EX_CONFIG = 78
 
@@ -34,11 +35,14 @@ def parse_args(argv: list[str] | None) -> Options:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
-    logging.basicConfig(
-        level=(options.log_level or "info").upper(),
-        format="shmbrokerd: %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    level = (options.log_level or "info").upper()
+    journal = journal_handler()
+    if journal is not None:  # under systemd: structured fields (SEGMENT=, PEER_UID=, ...)
+        logging.basicConfig(level=level, handlers=[journal])
+    else:
+        logging.basicConfig(
+            level=level, format="shmbrokerd: %(levelname)s %(message)s", stream=sys.stderr
+        )
     try:
         daemon = Daemon(options)
         logging.getLogger().setLevel(daemon.config.log_level.upper())

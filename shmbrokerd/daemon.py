@@ -27,7 +27,7 @@ from shmbroker import wire
 
 from . import __version__
 from .backing import Store
-from .config import Config, ConfigError, default_runtime_dir, load
+from .config import Config, ConfigError, build_policy, default_runtime_dir, load
 from .events import EventPublisher, ipc_endpoint_for
 from .registry import Limits, Registry, SegmentRecord
 from .server import Server, ServerLimits
@@ -133,11 +133,12 @@ class Daemon:
             new_token=lambda: secrets.token_urlsafe(24),
             new_segment_id=_segment_id_factory(),
             journal=self.state.record,
+            policy=build_policy(cfg),
         )
         self.server = Server(
             self.registry,
             self.store,
-            ServerLimits(max_clients=cfg.max_clients),
+            self._server_limits(cfg),
             publish=lambda ev, ts: self.events.publish(ev, ts),
             hello_info=self.hello_info,
             reload=self.reload,
@@ -155,6 +156,16 @@ class Daemon:
             max_total_bytes=total,
             max_wait=cfg.max_wait,
             memfd_persistent=cfg.memfd_fdstore,
+            default_backing=cfg.default_backing,
+        )
+
+    @staticmethod
+    def _server_limits(cfg: Config) -> ServerLimits:
+        return ServerLimits(
+            max_clients=cfg.max_clients,
+            max_clients_per_uid=cfg.max_clients_per_uid,
+            max_waiting_opens=cfg.max_waiting_opens,
+            max_queued_replies=cfg.max_queued_replies,
         )
 
     def _recover(self, memfds: dict[str, int]) -> None:
@@ -335,6 +346,7 @@ class Daemon:
         try:
             cfg = self._load()
             admin_gid = _gid(cfg.admin_group)
+            policy = build_policy(cfg)
         except ConfigError as exc:
             log.error("reload refused, keeping the old config: %s", exc)
             raise
@@ -345,7 +357,8 @@ class Daemon:
         self.config = cfg
         self.admin_gid = admin_gid
         self.registry.limits = self._limits(cfg)
-        self.server.limits.max_clients = cfg.max_clients
+        self.registry.policy = policy
+        self.server.limits = self._server_limits(cfg)
         logging.getLogger().setLevel(cfg.log_level.upper())
         log.info("configuration reloaded")
 

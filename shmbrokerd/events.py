@@ -38,7 +38,9 @@ class EventPublisher:
     def set_access(self, uid: int, gid: int, mode: int) -> None:
         """Give the ipc socket file the request socket's owner, group and mode."""
         if self._ipc_path:
-            os.chown(self._ipc_path, uid, gid)
+            st = os.stat(self._ipc_path)
+            if (st.st_uid, st.st_gid) != (uid, gid):  # chown only when it changes anything
+                os.chown(self._ipc_path, uid, gid)
             os.chmod(self._ipc_path, mode)
 
     def publish(self, ev: Publish, ts: float) -> None:

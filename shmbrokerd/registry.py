@@ -39,6 +39,8 @@ from typing import Any, Literal
 from shmbroker.errors import BrokerError, error_from_errno
 from shmbroker.wire import Create, Open
 
+from .policy import Op, Policy
+
 __all__ = [
     "ArmTimer",
     "Effect",
@@ -76,6 +78,11 @@ class Peer:
     connected: float
     leases: set[str] = field(default_factory=set)
     waiters: set[int] = field(default_factory=set)
+    #: primary and supplementary groups: what group bits and policy match
+    gids: frozenset[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gids = self.groups | {self.gid}
 
 
 @dataclass(slots=True, eq=False)
@@ -219,6 +226,7 @@ class Limits:
     max_total_bytes: int
     max_wait: float
     memfd_persistent: bool = False
+    default_backing: str = "shm"
 
 
 @dataclass(slots=True)
@@ -228,6 +236,7 @@ class CreatePlan:
     segment_id: str
     peer: Peer
     request: Create
+    backing: str
 
 
 class Registry:
@@ -238,8 +247,12 @@ class Registry:
         new_token: Callable[[], str],
         new_segment_id: Callable[[], str],
         journal: Callable[[dict[str, Any]], None] = lambda rec: None,
+        policy: Policy | None = None,
     ) -> None:
         self.limits = limits
+        self.policy = policy or Policy()
+        #: uid -> [bytes, segments] of the live segments it created (quotas)
+        self.usage: dict[int, list[int]] = {}
         self._journal = journal
         self._new_token = new_token
         self._new_segment_id = new_segment_id
@@ -287,13 +300,26 @@ class Registry:
         bit = 4 if want == "r" else 2
         if peer.uid == seg.owner_uid:
             return bool((seg.mode >> 6) & bit)
-        if seg.owner_gid == peer.gid or seg.owner_gid in peer.groups:
+        if seg.owner_gid in peer.gids:
             return bool((seg.mode >> 3) & bit)
         return bool(seg.mode & bit)
 
     def _require(self, peer: Peer, seg: SegmentRecord, want: Literal["r", "w"], op: str) -> None:
         if not self.may(peer, seg, want):
             raise _refuse(errno.EACCES, f"{op} {seg.name}: mode {seg.mode:03o} denies it")
+
+    def _allowed(self, peer: Peer, op: Op, name: str) -> None:
+        """The second check: the config's policy (operators pass it)."""
+        if not peer.operator and not self.policy.allows(peer.uid, peer.gids, op, name):
+            raise _refuse(errno.EACCES, f"{op} {name}: the policy denies it to uid {peer.uid}")
+
+    def _check_quota(self, peer: Peer, size: int) -> None:
+        quota = self.policy.quota(peer.uid, peer.gids)
+        used_bytes, used_segments = self.usage.get(peer.uid, (0, 0))
+        if quota.bytes and used_bytes + size > quota.bytes:
+            raise _refuse(errno.EDQUOT, f"uid {peer.uid}: quota of {quota.bytes} bytes")
+        if quota.segments and used_segments + 1 > quota.segments:
+            raise _refuse(errno.EDQUOT, f"uid {peer.uid}: quota of {quota.segments} segments")
 
     # -- peers -----------------------------------------------------------------
 
@@ -319,18 +345,21 @@ class Registry:
             if not req.exist_ok or existing.size != req.size:
                 raise _refuse(errno.EEXIST, f"segment exists: {req.name}")
             return self._grant(peer, existing, "rw", fd=True, now=now, op="create")
+        self._allowed(peer, "create", req.name)
         lim = self.limits
         if req.size > lim.max_segment_size:
             raise _refuse(
                 errno.EINVAL, f"size: {req.size} is over max_segment_size {lim.max_segment_size}"
             )
-        if req.backing == "memfd" and req.lifetime == "persistent" and not lim.memfd_persistent:
+        backing = req.backing or lim.default_backing
+        if backing == "memfd" and req.lifetime == "persistent" and not lim.memfd_persistent:
             raise _refuse(errno.EOPNOTSUPP, "persistent memfd segments need the systemd fd store")
         if len(self.segments) >= lim.max_segments:
             raise _refuse(errno.ENOSPC, f"max_segments ({lim.max_segments}) reached")
         if self.total_bytes + req.size > lim.max_total_bytes:
             raise _refuse(errno.ENOSPC, f"max_total_bytes ({lim.max_total_bytes}) reached")
-        return CreatePlan(self._new_segment_id(), peer, req)
+        self._check_quota(peer, req.size)
+        return CreatePlan(self._new_segment_id(), peer, req, backing)
 
     def commit_create(self, plan: CreatePlan, now: float) -> Grant:
         """Record a segment whose backing object the edge has made."""
@@ -341,7 +370,7 @@ class Registry:
             size=req.size,
             lifetime=req.lifetime,
             ttl=req.ttl,
-            backing=req.backing,
+            backing=plan.backing,
             mode=req.mode,
             created=now,
             owner_uid=peer.uid,
@@ -360,6 +389,9 @@ class Registry:
         self.by_id[seg.id] = seg
         bisect.insort(self._names, seg.name)
         self.total_bytes += seg.size
+        used = self.usage.setdefault(seg.owner_uid, [0, 0])
+        used[0] += seg.size
+        used[1] += 1
 
     # -- open / wait -------------------------------------------------------------
 
@@ -420,6 +452,7 @@ class Registry:
         self, peer: Peer, seg: SegmentRecord, access: Access, *, fd: bool, now: float, op: str
     ) -> Grant:
         self._require(peer, seg, "w" if access == "rw" else "r", op)
+        self._allowed(peer, "open_rw" if access == "rw" else "open_ro", seg.name)
         if access == "rw" and seg.sealed:
             raise _refuse(errno.EPERM, f"{seg.name} is sealed: read-only opens only")
         token = self._add_lease(peer, seg, access)
@@ -496,6 +529,11 @@ class Registry:
         i = bisect.bisect_left(self._names, seg.name)
         del self._names[i]
         self.total_bytes -= seg.size
+        used = self.usage[seg.owner_uid]
+        used[0] -= seg.size
+        used[1] -= 1
+        if not used[1]:
+            del self.usage[seg.owner_uid]
         if not seg.leases:
             self.by_id.pop(seg.id, None)
         self._effects.append(Unlink(seg))
@@ -506,6 +544,7 @@ class Registry:
     def seal(self, peer: Peer, name: str) -> SegmentRecord:
         seg = self._live(name)
         self._require(peer, seg, "w", "seal")
+        self._allowed(peer, "seal", name)
         if not seg.sealed:
             seg.sealed = True
             self._journal({"k": "seal", "id": seg.id})
@@ -517,6 +556,7 @@ class Registry:
     def delete(self, peer: Peer, name: str) -> None:
         seg = self._live(name)
         self._require(peer, seg, "w", "delete")
+        self._allowed(peer, "delete", name)
         self._remove(seg, "deleted", peer)
 
     def stat(self, peer: Peer, name: str) -> SegmentRecord:

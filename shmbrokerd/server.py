@@ -58,6 +58,8 @@ _UCRED = struct.Struct("3i")
 @dataclass
 class ServerLimits:
     max_clients: int
+    max_clients_per_uid: int = 256
+    max_waiting_opens: int = 64
     max_queued_replies: int = 256
     accept_backoff: float = 0.1
 
@@ -99,6 +101,7 @@ class Server:
         self._memfd_created = memfd_created
         self._memfd_unlinked = memfd_unlinked
         self.conns: dict[int, Connection] = {}
+        self._per_uid: dict[int, int] = {}
         self._next_peer = 1
         self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -203,17 +206,12 @@ class Server:
             sock.close()
             return
         if len(self.conns) >= self.limits.max_clients:
-            log.warning(
-                "refused peer pid=%d uid=%d: max_clients reached",
-                pid,
-                uid,
-                extra={"PEER_PID": pid, "PEER_UID": uid, "ERRNO": "EMFILE"},
-            )
-            err = error_from_errno(errno.EMFILE, "too many clients")
-            with contextlib.suppress(OSError):
-                sock.send(encode_error(None, err))
-            sock.close()
+            self._turn_away(sock, pid, uid, "max_clients")
             return
+        if self._per_uid.get(uid, 0) >= self.limits.max_clients_per_uid:
+            self._turn_away(sock, pid, uid, "max_clients_per_uid")
+            return
+        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
         peer = Peer(
             id=self._next_peer,
             pid=pid,
@@ -228,6 +226,19 @@ class Server:
         self.conns[peer.id] = conn
         self.registry.connect(peer)
         self._loop.add_reader(sock.fileno(), self._readable, conn)
+
+    def _turn_away(self, sock: socket.socket, pid: int, uid: int, limit: str) -> None:
+        """Answer EMFILE (id null) and close: the contract's "reply, then close"."""
+        log.warning(
+            "refused peer pid=%d uid=%d: %s reached",
+            pid,
+            uid,
+            limit,
+            extra={"PEER_PID": pid, "PEER_UID": uid, "ERRNO": "EMFILE"},
+        )
+        with contextlib.suppress(OSError):
+            sock.send(encode_error(None, error_from_errno(errno.EMFILE, f"{limit} reached")))
+        sock.close()
 
     # -- read ------------------------------------------------------------------
 
@@ -303,14 +314,18 @@ class Server:
         now = time.time()
         decision = self.registry.check_create(conn.peer, req, now)
         if isinstance(decision, CreatePlan):
-            self.store.create(decision.segment_id, req.size, req.backing)
+            self.store.create(decision.segment_id, req.size, decision.backing)
             decision = self.registry.commit_create(decision, now)
-            if req.backing == "memfd":
+            if decision.segment.backing == "memfd":
                 self._memfd_created(decision.segment.id)
         self._send_grant(conn, req.id, decision)
 
     def _op_open(self, conn: Connection, req: wire.Open) -> None:
         assert self._loop is not None
+        if req.wait and len(conn.peer.waiters) >= self.limits.max_waiting_opens:
+            raise error_from_errno(
+                errno.EAGAIN, f"{self.limits.max_waiting_opens} opens already waiting"
+            )
         outcome = self.registry.open(conn.peer, req, time.time())
         if isinstance(outcome, Waiting):
             self._wait_timers[outcome.waiter] = self._loop.call_later(
@@ -530,6 +545,11 @@ class Server:
         conn.queue.clear()
         conn.sock.close()
         del self.conns[peer.id]
+        left = self._per_uid[peer.uid] - 1
+        if left:
+            self._per_uid[peer.uid] = left
+        else:
+            del self._per_uid[peer.uid]
         for wid in peer.waiters:
             timer = self._wait_timers.pop(wid, None)
             if timer is not None:

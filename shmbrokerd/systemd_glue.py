@@ -100,8 +100,20 @@ class Supervisor:
 
 
 def journal_handler() -> logging.Handler | None:
-    """A journald handler when stderr goes to the journal, else None."""
-    if not os.environ.get("JOURNAL_STREAM"):
+    """A journald handler when stderr goes to the journal, else None.
+
+    ``JOURNAL_STREAM`` (``DEV:INODE`` of the stream systemd connected) is
+    inherited by children whose stderr may be redirected elsewhere, so it only
+    counts when it names our stderr, as sd_journal_stream_fd(3) advises.
+    """
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return None
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return None
+    if (st.st_dev, st.st_ino) != (int(dev), int(ino)):
         return None
     from systemd import journal
 

@@ -94,7 +94,8 @@ class Create(_Request):
     ttl: Seconds | None = None
     exist_ok: bool = False
     mode: int = Field(default=0o600, ge=0, le=0o777)
-    backing: Backing = "shm"
+    #: None: the daemon's default (``shm`` unless its operator chose ``memfd``)
+    backing: Backing | None = None
 
     @model_validator(mode="after")
     def _ttl_with_ttl_lifetime(self) -> Create:
