@@ -23,6 +23,7 @@ from types import FrameType
 from typing import Any
 
 from pydantic import BaseModel
+
 from shmbroker import Broker, ClientInfo, Event, SegmentInfo, socket_path
 
 __all__ = ["build_parser", "format_table", "main"]

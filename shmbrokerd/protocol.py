@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from pydantic import ValidationError
+
 from shmbroker.errors import BrokerError, errno_name, error_from_errno
 from shmbroker.wire import MAX_ID, MAX_MESSAGE, REQUESTS, Request
 

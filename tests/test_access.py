@@ -20,6 +20,7 @@ import textwrap
 from typing import Any
 
 import pytest
+
 from shmbroker import Broker, SegmentPermissionError
 
 from .helpers import DaemonProc, eventually, wait_line

@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+
 from shmbroker import Broker
 
 from .helpers import DaemonProc, spawn_client, wait_line

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from shmbroker import wire
 from shmbroker._protocol import ClientProtocol
 from shmbroker.errors import BrokerError, error_from_errno
-
 from shmbrokerd.protocol import decode, encode_error, encode_ok, error_code
 from shmbrokerd.registry import Grant, SegmentRecord
 

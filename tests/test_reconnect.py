@@ -7,6 +7,7 @@ import asyncio
 import threading
 
 import pytest
+
 from shmbroker import AsyncBroker, Broker
 
 from .helpers import DaemonProc

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from shmbroker import wire
 from shmbroker.errors import BrokerError
-
 from shmbrokerd.registry import (
     ArmTimer,
     CreatePlan,

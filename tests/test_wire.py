@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from shmbroker import wire
 
+from shmbroker import wire
 from shmbrokerd.registry import Grant, SegmentRecord
 
 
