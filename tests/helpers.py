@@ -151,28 +151,42 @@ def running_daemon(config: dict[str, Any] | None = None) -> Iterator[DaemonProc]
         d.cleanup()
 
 
+def _client_argv(
+    code: str, socket_path: str, uid: int | None, gid: int | None, groups: tuple[int, ...]
+) -> list[str]:
+    """A Python command line running ``code`` with ``SOCK`` and the client imported.
+
+    With ``uid``, the process starts as root, imports, then drops to
+    ``uid``/``gid``/``groups`` for good before the code runs: the daemon reads
+    the peer's identity at connect, so it sees exactly that user (and this
+    works even when the interpreter lives where that user cannot exec it).
+    """
+    prelude = "import os, sys, json, time\nfrom shmbroker import *\nSOCK = sys.argv[1]\n"
+    if uid is not None:
+        g = uid if gid is None else gid
+        prelude += f"os.setgroups({list(groups)!r})\nos.setgid({g})\nos.setuid({uid})\n"
+    return [sys.executable, "-u", "-c", prelude + textwrap.dedent(code), socket_path]
+
+
 def run_client(
     code: str,
     socket_path: str,
     *,
     uid: int | None = None,
     gid: int | None = None,
+    groups: tuple[int, ...] = (),
     timeout: float = 60,
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a separate Python process (optionally as another uid).
 
-    The code sees ``SOCK`` (the socket path) and ``Broker`` already imported.
+    The code sees ``SOCK`` (the socket path) and the client library imported.
     """
-    prelude = "import os, sys, json\nfrom shmbroker import *\nSOCK = sys.argv[1]\n"
     proc = subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(code), socket_path],
+        _client_argv(code, socket_path, uid, gid, groups),
         capture_output=True,
         text=True,
         timeout=timeout,
-        user=uid,
-        group=gid,
-        extra_groups=[] if uid is not None else None,
         cwd="/",
     )
     if check and proc.returncode != 0:
@@ -180,11 +194,18 @@ def run_client(
     return proc
 
 
-def spawn_client(code: str, socket_path: str, **kw: Any) -> subprocess.Popen[str]:
+def spawn_client(
+    code: str,
+    socket_path: str,
+    *,
+    uid: int | None = None,
+    gid: int | None = None,
+    groups: tuple[int, ...] = (),
+    **kw: Any,
+) -> subprocess.Popen[str]:
     """Start a client process and leave it running (it prints READY when set)."""
-    prelude = "import os, sys, json, time\nfrom shmbroker import *\nSOCK = sys.argv[1]\n"
     return subprocess.Popen(
-        [sys.executable, "-u", "-c", prelude + textwrap.dedent(code), socket_path],
+        _client_argv(code, socket_path, uid, gid, groups),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
