@@ -43,6 +43,10 @@ class Store:
 
     def create(self, segment_id: str, size: int, backing: str) -> None:
         """Make and reserve the object; raise ``ENOSPC`` if memory is short."""
+        if backing != "memfd":
+            st = os.statvfs(self.shm_dir)
+            if st.f_bavail * st.f_frsize < size:  # refuse before creating anything
+                raise error_from_errno(errno.ENOSPC, f"{self.shm_dir} has no room for {size} bytes")
         if backing == "memfd":
             fd = os.memfd_create(f"shmbroker:{segment_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         else:

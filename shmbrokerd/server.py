@@ -351,9 +351,14 @@ class Server:
         self._send(conn, encode_ok(req.id, {"segment": seg.describe()}), [])
 
     def _op_list(self, conn: Connection, req: wire.List) -> None:
-        page, nxt = self.registry.list_page(conn.peer, req.prefix, req.after, req.limit)
-        result = {"segments": [s.describe() for s in page], "next": nxt}
-        self._send(conn, encode_ok(req.id, result), [])
+        limit = req.limit
+        while True:  # a page must fit one datagram: shrink it if it would not
+            page, nxt = self.registry.list_page(conn.peer, req.prefix, req.after, limit)
+            reply = encode_ok(req.id, {"segments": [s.describe() for s in page], "next": nxt})
+            if len(reply) <= wire.MAX_MESSAGE or limit == 1:
+                break
+            limit //= 2
+        self._send(conn, reply, [])
 
     def _op_reclaim(self, conn: Connection, req: wire.Reclaim) -> None:
         grant = self.registry.reclaim(conn.peer, req.lease, time.time())
