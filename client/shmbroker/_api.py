@@ -12,7 +12,7 @@ from typing import Any, Literal
 from . import wire
 from ._protocol import Reply
 from .errors import error_from_errno
-from .segment import Segment
+from .segment import Mapping, Segment
 
 Lifetime = Literal["persistent", "owner", "refcount", "ttl"]
 Access = Literal["ro", "rw"]
@@ -42,15 +42,52 @@ def create_params(
     }
 
 
-def open_params(name: str, access: Access, wait: float | None) -> dict[str, Any]:
-    return {"name": name, "access": access, "wait": wait}
+def open_params(name: str, access: Access, wait: float | None, fd: bool = True) -> dict[str, Any]:
+    return {"name": name, "access": access, "wait": wait, "fd": None if fd else False}
 
 
-def to_segment(reply: Reply, access: Access, release: Callable[[str], None]) -> Segment:
-    result = reply.unwrap()
-    assert isinstance(result, wire.SegmentLeaseResult)
-    assert reply.fd is not None
-    return Segment(result.segment, result.lease, reply.fd, access, release)
+class Mappings:
+    """A broker's mappings by name and access, for the ``fd: false`` repeat open.
+
+    A repeat open asks the daemon for a lease without an fd and reuses the
+    mapping if the segment's ``id`` is still the one mapped (a name deleted
+    and created again has a new id, and gets a fresh fd and mapping).
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[tuple[str, bool], Mapping] = {}
+
+    def cached(self, name: str, access: Access) -> Mapping | None:
+        return self._maps.get((name, access == "rw"))
+
+    def segment(self, reply: Reply, access: Access, release: Callable[[str], None]) -> Segment:
+        """A Segment over a new mapping of the fd the reply carries."""
+        result = reply.unwrap()
+        assert isinstance(result, wire.SegmentLeaseResult)
+        assert reply.fd is not None
+        try:
+            mapping = Mapping(result.segment, reply.fd, access == "rw", self._forget)
+        except BaseException:
+            release(result.lease)
+            raise
+        self._maps[(mapping.name, mapping.writable)] = mapping
+        return Segment(result.segment, result.lease, mapping, release)
+
+    def reuse(
+        self, reply: Reply, mapping: Mapping, release: Callable[[str], None]
+    ) -> Segment | str:
+        """A Segment sharing ``mapping``, or the lease to give back if it is stale."""
+        result = reply.unwrap()
+        assert isinstance(result, wire.SegmentLeaseResult)
+        if result.segment.id != mapping.id or mapping.refs == 0:
+            self._forget(mapping)
+            return result.lease
+        return Segment(result.segment, result.lease, mapping, release)
+
+    def _forget(self, mapping: Mapping) -> None:
+        key = (mapping.name, mapping.writable)
+        if self._maps.get(key) is mapping:
+            del self._maps[key]
 
 
 def to_info(reply: Reply) -> wire.Segment:

@@ -46,6 +46,7 @@ class AsyncBroker:
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._leases: set[str] = set()
+        self._mappings = _api.Mappings()
         self._reconnecting: asyncio.Lock | None = None
 
     @classmethod
@@ -165,7 +166,7 @@ class AsyncBroker:
         await self.aclose()
 
     def _segment(self, reply: Reply, access: Access) -> Segment:
-        seg = _api.to_segment(reply, access, self._release_later)
+        seg = self._mappings.segment(reply, access, self._release_later)
         self._leases.add(seg.lease)
         return seg
 
@@ -202,6 +203,14 @@ class AsyncBroker:
         return self._segment(await self._call("create", **params), "rw")
 
     async def open(self, name: str, access: Access = "ro", wait: float | None = None) -> Segment:
+        cached = self._mappings.cached(name, access)
+        if cached is not None:  # already mapped here: a lease without an fd
+            reply = await self._call("open", **_api.open_params(name, access, wait, fd=False))
+            reused = self._mappings.reuse(reply, cached, self._release_later)
+            if isinstance(reused, Segment):
+                self._leases.add(reused.lease)
+                return reused
+            await self.release(reused)  # the name now means another segment
         reply = await self._call("open", **_api.open_params(name, access, wait))
         return self._segment(reply, access)
 

@@ -46,6 +46,7 @@ class Broker:
         self._lock = threading.Lock()
         self._closed = False
         self._leases: set[str] = set()
+        self._mappings = _api.Mappings()
         self._sock: _socket.socket | None = self._connect()
 
     # -- plumbing ------------------------------------------------------------
@@ -124,7 +125,7 @@ class Broker:
                     self._sock = None
 
     def _segment(self, reply: Reply, access: Access) -> Segment:
-        seg = _api.to_segment(reply, access, self._release_segment)
+        seg = self._mappings.segment(reply, access, self._release_segment)
         self._leases.add(seg.lease)
         return seg
 
@@ -165,6 +166,14 @@ class Broker:
 
     def open(self, name: str, access: Access = "ro", wait: float | None = None) -> Segment:
         """Open and map a segment; with ``wait``, wait that long for its creation."""
+        cached = self._mappings.cached(name, access)
+        if cached is not None:  # already mapped here: a lease without an fd
+            reply = self._call("open", **_api.open_params(name, access, wait, fd=False))
+            reused = self._mappings.reuse(reply, cached, self._release_segment)
+            if isinstance(reused, Segment):
+                self._leases.add(reused.lease)
+                return reused
+            self.release(reused)  # the name now means another segment
         return self._segment(self._call("open", **_api.open_params(name, access, wait)), access)
 
     def release(self, lease: str) -> None:

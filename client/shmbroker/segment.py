@@ -1,4 +1,12 @@
-"""A granted segment: its lease, its fd and its mapping, as one object."""
+"""A granted segment: its lease, and a share of one mapping of its memory.
+
+Strategy: the fd and the mapping live in :class:`Mapping`, which may be
+shared by several :class:`Segment` objects of one broker connection: a
+repeat ``open`` of a segment this process already maps asks the daemon with
+``fd: false`` (the contract's cheap path), checks the segment ``id`` still
+matches, and reuses the mapping, so it costs no fd and no ``mmap``.  Each
+Segment holds its own lease; the mapping goes when its last Segment closes.
+"""
 
 from __future__ import annotations
 
@@ -12,44 +20,68 @@ from typing import TYPE_CHECKING, Any
 from . import wire
 
 if TYPE_CHECKING:
-    import numpy as np
     import numpy.typing as npt
 
-__all__ = ["Segment"]
+__all__ = ["Mapping", "Segment"]
+
+
+class Mapping:
+    """One fd and one ``mmap`` of a segment, shared by reference count."""
+
+    def __init__(
+        self, info: wire.Segment, fd: int, writable: bool, on_last: Callable[[Mapping], None]
+    ) -> None:
+        self.id = info.id
+        self.name = info.name
+        self.size = info.size
+        self.fd = fd
+        self.writable = writable
+        self.refs = 0
+        self._on_last = on_last
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        try:
+            self.mmap = mmap.mmap(fd, info.size, flags=mmap.MAP_SHARED, prot=prot)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def acquire(self) -> memoryview:
+        self.refs += 1
+        return memoryview(self.mmap)
+
+    def release(self) -> None:
+        self.refs -= 1
+        if self.refs:
+            return
+        self._on_last(self)
+        with contextlib.suppress(BufferError):  # exported views keep it mapped until they die
+            self.mmap.close()
+        os.close(self.fd)
 
 
 class Segment:
     """A mapped segment holding one lease; a context manager.
 
-    ``close()`` unmaps, closes the fd and releases the lease.  If views of
-    ``buf`` are still alive (a numpy array, a slice someone kept), the
-    mapping stays until they are gone, as with :class:`mmap.mmap`; the lease
-    is released regardless.
+    ``close()`` releases the lease and this segment's share of the mapping
+    (unmapped, and its fd closed, once no other open of the same segment in
+    this broker uses it).  If views of ``buf`` are still alive (a numpy
+    array, a slice someone kept), the memory stays mapped until they are
+    gone, as with :class:`mmap.mmap`; the lease is released regardless.
     """
 
     def __init__(
         self,
         info: wire.Segment,
         lease: str,
-        fd: int,
-        access: str,
+        mapping: Mapping,
         release: Callable[[str], None],
     ) -> None:
         self.info = info
         self.lease = lease
-        self._fd = fd
+        self._mapping: Mapping | None = mapping
         self._release = release
-        self.readonly = access != "rw"
-        prot = mmap.PROT_READ if self.readonly else mmap.PROT_READ | mmap.PROT_WRITE
-        try:
-            self._mmap: mmap.mmap | None = mmap.mmap(
-                fd, info.size, flags=mmap.MAP_SHARED, prot=prot
-            )
-        except BaseException:
-            os.close(fd)
-            release(lease)
-            raise
-        self.buf = memoryview(self._mmap)
+        self.readonly = not mapping.writable
+        self.buf = mapping.acquire()
 
     @property
     def name(self) -> str:
@@ -69,14 +101,18 @@ class Segment:
 
     @property
     def fd(self) -> int:
-        """The fd the daemon sent (read-only for ``ro`` opens); owned by this object."""
-        if self._fd < 0:
+        """The fd the daemon sent (``O_RDONLY`` for ``ro`` opens).
+
+        Owned by the segment's mapping, shared with other opens of the same
+        segment and access in this broker: do not close it.
+        """
+        if self._mapping is None:
             raise ValueError("segment is closed")
-        return self._fd
+        return self._mapping.fd
 
     @property
     def closed(self) -> bool:
-        return self._fd < 0
+        return self._mapping is None
 
     def ndarray(self, dtype: Any = "uint8", shape: Any = None, offset: int = 0) -> npt.NDArray[Any]:
         """A numpy view of the mapping (read-only for ``ro`` segments)."""
@@ -85,20 +121,16 @@ class Segment:
         dt = np.dtype(dtype)
         if shape is None:
             shape = ((self.size - offset) // dt.itemsize,)
-        arr: np.ndarray[Any, Any] = np.ndarray(shape, dtype=dt, buffer=self.buf, offset=offset)
+        arr: npt.NDArray[Any] = np.ndarray(shape, dtype=dt, buffer=self.buf, offset=offset)
         return arr
 
     def close(self) -> None:
-        if self._fd < 0:
+        mapping, self._mapping = self._mapping, None
+        if mapping is None:
             return
-        fd, self._fd = self._fd, -1
         with contextlib.suppress(BufferError):  # views of buf (numpy arrays) are alive
             self.buf.release()
-        if self._mmap is not None:
-            with contextlib.suppress(BufferError):  # exported views keep it mapped
-                self._mmap.close()
-            self._mmap = None
-        os.close(fd)
+        mapping.release()
         self._release(self.lease)
 
     def __enter__(self) -> Segment:
