@@ -63,6 +63,7 @@ class AsyncBroker:
             await self._loop.sock_connect(sock, self.path)
         except OSError as exc:
             sock.close()
+            self._sock.close()  # the placeholder, if this was the first try
             raise _api.not_running(self.path, exc) from None
         self._sock.close()  # the placeholder, or the connection we lost
         self._sock = sock
@@ -173,7 +174,7 @@ class AsyncBroker:
     def _release_later(self, lease: str) -> None:
         """Segment.close() is synchronous: send the release and do not wait."""
         self._leases.discard(lease)
-        if not self._closed and self._loop is not None:
+        if not self._closed and self._lost is None and self._loop is not None:
             task = self._loop.create_task(self._quiet_release(lease))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

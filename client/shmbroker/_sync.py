@@ -104,15 +104,17 @@ class Broker:
         finally:
             self._proto.forget(rid)
 
-    def _call(self, op: str, **params: Any) -> Reply:
+    def _call(self, op: str, *, reconnect: bool = True, **params: Any) -> Reply:
         with self._lock:
-            if self._closed:
+            if self._closed or (self._sock is None and not reconnect):
                 raise _api.connection_lost(self.path)
             if self._sock is None:
                 self._reconnect()
             try:
                 return self._exchange(op, params)
             except _NotSent:  # the daemon went away before it saw this request
+                if not reconnect:
+                    raise _api.connection_lost(self.path) from None
                 self._reconnect()
                 return self._exchange(op, params)
 
@@ -130,10 +132,15 @@ class Broker:
         return seg
 
     def _release_segment(self, lease: str) -> None:
-        """Segment.close(): a lease the daemon forgot (restart) is not an error."""
+        """Segment.close(): never waits for a daemon that is gone.
+
+        With the connection lost, the lease is simply not reclaimed: the
+        daemon releases it when its reclaim window ends.  A lease the daemon
+        forgot (ENOENT) is no error either.
+        """
         self._leases.discard(lease)
         with contextlib.suppress(FileNotFoundError, ConnectionError):
-            self.release(lease)
+            self._call("release", reconnect=False, lease=lease).unwrap()
 
     def __enter__(self) -> Broker:
         return self
