@@ -238,6 +238,14 @@ class Server:
         )
         with contextlib.suppress(OSError):
             sock.send(encode_error(None, error_from_errno(errno.EMFILE, f"{limit} reached")))
+            # Closing with the peer's first request unread would reset the
+            # connection and lose our reply: shut down, drop what is queued.
+            sock.shutdown(socket.SHUT_RDWR)
+            for _ in range(_BATCH):
+                data, anc, _flags, _ = sock.recvmsg(wire.MAX_MESSAGE + 1, _ANC_SPACE)
+                _close_fds(anc)
+                if not data and not anc:
+                    break
         sock.close()
 
     # -- read ------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import PREFIXES, TEST_PREFIX, DaemonProc
+from .helpers import PREFIXES, DaemonProc
 
 
 def _children(pid: int) -> set[int]:
@@ -31,9 +31,10 @@ def _children(pid: int) -> set[int]:
 
 
 def _ours(name: str) -> bool:
-    """Entries of daemons we started, or anything not from a test daemon at all
-    (another test run on this machine may have daemons of its own)."""
-    return not name.startswith(TEST_PREFIX) or name.startswith(tuple(PREFIXES))
+    """Entries of daemons we started, or anything not from a test or bench
+    daemon at all (another run on this machine may have daemons of its own,
+    all under prefixes starting "sb")."""
+    return not name.startswith("sb") or name.startswith(tuple(PREFIXES))
 
 
 @pytest.fixture(autouse=True)
