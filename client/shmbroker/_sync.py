@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket as _socket
 import threading
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["Broker"]
 
 
-class _NotSent(Exception):
+class _NotSent(ConnectionResetError):
     """The connection was found dead when sending: safe to send again."""
 
 
@@ -60,23 +61,32 @@ class Broker:
             raise _api.not_running(self.path, exc) from None
         return sock
 
-    def _reconnect(self) -> _socket.socket:
-        """Connect again with backoff, then reclaim what we held."""
+    def _reconnect(self) -> None:
+        """Connect again with backoff, then reclaim what we held.
+
+        A connection lost again while reclaiming (the daemon restarting once
+        more) starts over, a bounded number of times.
+        """
+        for _ in range(3):
+            self._sock = self._connect_with_backoff()
+            try:
+                for lease in list(self._leases):
+                    try:
+                        self._exchange("reclaim", {"lease": lease}).unwrap()
+                    except FileNotFoundError:
+                        self._leases.discard(lease)  # too late, or the segment is gone
+                return
+            except ConnectionError:
+                continue  # _exchange has dropped the socket
+        raise _api.connection_lost(self.path)
+
+    def _connect_with_backoff(self) -> _socket.socket:
         for delay in _api.backoff(self.reconnect_timeout):
             try:
-                sock = self._connect()
-                break
+                return self._connect()
             except _api.RETRYABLE:
                 time.sleep(delay)
-        else:
-            sock = self._connect()
-        self._sock = sock
-        for lease in list(self._leases):
-            try:
-                self._exchange("reclaim", {"lease": lease}).unwrap()
-            except FileNotFoundError:
-                self._leases.discard(lease)  # too late, or the segment is gone
-        return sock
+        return self._connect()
 
     def _exchange(self, op: str, params: dict[str, Any]) -> Reply:
         sock = self._sock
@@ -86,7 +96,7 @@ class Broker:
             try:
                 sock.send(data)
             except ConnectionError:
-                raise _NotSent from None
+                raise _NotSent(errno.ECONNRESET, "connection lost before sending") from None
             while True:
                 msg, anc, _flags, _ = sock.recvmsg(_api.RECV_SIZE, _api.ANC_SIZE)
                 fds = _api.split_fds(anc)
@@ -95,7 +105,7 @@ class Broker:
                 reply = self._proto.receive(msg, fds)
                 if reply is not None and reply.id == rid:
                     return reply
-        except (ConnectionError, _NotSent) as exc:
+        except ConnectionError as exc:
             self._sock = None
             sock.close()
             if isinstance(exc, _NotSent):

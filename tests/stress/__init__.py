@@ -1,0 +1,1 @@
+"""Chaos tests: many client processes, random SIGKILLs of clients and of the daemon."""
