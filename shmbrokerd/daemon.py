@@ -31,7 +31,7 @@ from .config import Config, ConfigError, build_policy, default_runtime_dir, load
 from .events import EventPublisher, ipc_endpoint_for
 from .registry import Limits, Registry, SegmentRecord
 from .server import Server, ServerLimits
-from .state import Loaded, StateFile
+from .state import StateFile
 from .systemd_glue import Supervisor
 
 __all__ = ["Daemon", "Options"]
@@ -176,8 +176,10 @@ class Daemon:
         are logged.  Then a fresh snapshot replaces the old state.
         """
         loaded = self.state.load()
+        leases = loaded.leases_by_segment()
         objects = set(self.store.objects())
         kept = 0
+        snapshot = not self.state.snapshot.exists()
         for seg_id, rec in loaded.segments.items():
             seg = _segment_from(rec)
             if seg is None:
@@ -196,7 +198,7 @@ class Daemon:
             else:
                 log.warning("state: object of %s (%s) is gone; dropped", seg.name, seg_id)
                 continue
-            self.registry.restore(seg, _leases_of(loaded, seg_id))
+            self.registry.restore(seg, _leases_of(leases.get(seg_id, [])))
             kept += 1
         for seg_id in objects:
             log.warning("removing orphaned object %s (no state entry)", self.store.path(seg_id))
@@ -214,7 +216,8 @@ class Daemon:
                 self.config.reclaim_window,
             )
         self.state.open()
-        self.state.compact(self.registry.records())
+        if snapshot or self.state.dirty or kept != len(loaded.segments):
+            self.state.compact(self.registry.records())
 
     def _before_reply(self) -> None:
         """The state must know a change before any reply that depends on it leaves."""
@@ -309,7 +312,9 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
         await self.server.drain_and_close(time.monotonic() + SHUTDOWN_GRACE)
-        self.state.compact(self.registry.records())
+        self.state.flush()
+        if self.state.dirty:
+            self.state.compact(self.registry.records())
         self.state.close()
         self.events.close()
         self.store.close()
@@ -387,11 +392,11 @@ def _segment_from(rec: dict[str, Any]) -> SegmentRecord | None:
         return None
 
 
-def _leases_of(loaded: Loaded, seg_id: str) -> list[tuple[str, int, Any, bool]]:
+def _leases_of(records: list[dict[str, Any]]) -> list[tuple[str, int, Any, bool]]:
     return [
-        (token, int(rec["u"]), rec["a"], bool(rec.get("c")))
-        for token, rec in loaded.leases.items()
-        if rec.get("s") == seg_id and rec.get("a") in ("ro", "rw")
+        (str(rec["t"]), int(rec["u"]), rec["a"], bool(rec.get("c")))
+        for rec in records
+        if rec.get("a") in ("ro", "rw")
     ]
 
 

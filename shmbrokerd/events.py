@@ -8,12 +8,12 @@ on HWM anyway; ``NOBLOCK`` guards the rare cases where it would wait).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from urllib.parse import urlparse
 
 import zmq
+from pydantic_core import to_json
 
 from .registry import Publish
 
@@ -54,7 +54,7 @@ class EventPublisher:
         }
         try:
             self._sock.send_multipart(
-                [ev.name.encode(), json.dumps(body, separators=(",", ":")).encode()],
+                [ev.name.encode(), to_json(body)],
                 flags=zmq.NOBLOCK,
             )
         except zmq.Again:

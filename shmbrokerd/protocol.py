@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import to_json
 
 from shmbroker.errors import BrokerError, errno_name, error_from_errno
 from shmbroker.wire import MAX_ID, MAX_MESSAGE, REQUESTS, Request
@@ -106,10 +107,13 @@ def error_code(exc: OSError) -> str:
 
 
 def encode_ok(rid: int, result: dict[str, Any]) -> bytes:
-    return json.dumps({"id": rid, "ok": True, **result}, separators=(",", ":")).encode()
+    return to_json({"id": rid, "ok": True, **result})
 
 
 def encode_error(rid: int | None, exc: OSError) -> bytes:
     message = exc.strerror or str(exc)
     body = {"id": rid, "ok": False, "error": {"code": error_code(exc), "message": message}}
-    return json.dumps(body, separators=(",", ":")).encode()
+    try:
+        return to_json(body)
+    except ValueError:  # a message quoting something not encodable (a lone surrogate)
+        return json.dumps(body, ensure_ascii=True).encode()

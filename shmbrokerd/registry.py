@@ -384,10 +384,13 @@ class Registry:
         self._wake_waiters(seg, now)
         return Grant(seg, token, "rw", fd=True)
 
-    def _insert(self, seg: SegmentRecord) -> None:
+    def _insert(self, seg: SegmentRecord, *, sort: bool = True) -> None:
         self.segments[seg.name] = seg
         self.by_id[seg.id] = seg
-        bisect.insort(self._names, seg.name)
+        if sort:
+            bisect.insort(self._names, seg.name)
+        else:  # restoring many: sorted once, by open_reclaim_window
+            self._names.append(seg.name)
         self.total_bytes += seg.size
         used = self.usage.setdefault(seg.owner_uid, [0, 0])
         used[0] += seg.size
@@ -632,8 +635,11 @@ class Registry:
                 }
 
     def restore(self, seg: SegmentRecord, leases: list[tuple[str, int, Access, bool]]) -> None:
-        """Put back a segment, and its leases awaiting reclaim, after a restart."""
-        self._insert(seg)
+        """Put back a segment, and its leases awaiting reclaim, after a restart.
+
+        Call :meth:`open_reclaim_window` once all are back.
+        """
+        self._insert(seg, sort=False)
         for token, uid, access, creator in leases:
             self.leases[token] = Lease(token, seg, uid, access, None)
             seg.leases.add(token)
@@ -642,6 +648,7 @@ class Registry:
 
     def open_reclaim_window(self, now: float, window: float) -> None:
         """Start the reclaim window; countdowns of restored ttl segments resume."""
+        self._names.sort()
         self.reclaim_until = now + window
         for seg in list(self.segments.values()):
             if seg.lifetime == "ttl" and not seg.leases:

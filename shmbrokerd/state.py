@@ -1,7 +1,7 @@
 """The persisted state: what a restarted daemon needs to take its segments back.
 
-Strategy: a snapshot plus an append-only journal, both JSON Lines in the
-state directory.  Every change the registry makes is a small record; records
+Strategy: a snapshot (one JSON document) plus an append-only journal (JSON
+Lines) in the state directory.  Every change the registry makes is a small record; records
 are buffered and written (one ``write``) before the reply that depends on
 them leaves, so a client never holds a lease the state does not know, even
 if the daemon is SIGKILLed the next instant.  When the journal grows past a
@@ -17,13 +17,14 @@ namespace), ``seal``, ``ttl`` (countdown deadline, wall clock, or null),
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic_core import from_json, to_json
 
 __all__ = ["Loaded", "StateFile"]
 
@@ -38,26 +39,34 @@ class Loaded:
 
     segments: dict[str, Record] = field(default_factory=dict)
     leases: dict[str, Record] = field(default_factory=dict)
-    next_id: int = 0
+
+    def leases_by_segment(self) -> dict[str, list[Record]]:
+        out: dict[str, list[Record]] = {}
+        for rec in self.leases.values():
+            out.setdefault(rec["s"], []).append(rec)
+        return out
 
 
 class StateFile:
     def __init__(self, directory: Path, compact_after: int = 200_000) -> None:
         self.dir = directory
-        self.snapshot = directory / "state.jsonl"
+        self.snapshot = directory / "state.json"
         self.journal = directory / "journal.jsonl"
         self.compact_after = compact_after
         self._fd = -1
-        self._buffer: list[str] = []
+        self._buffer: list[bytes] = []
         self._journaled = 0
 
     # -- reading -----------------------------------------------------------------
 
     def load(self) -> Loaded:
         state = Loaded()
-        for path in (self.snapshot, self.journal):
-            for rec in _read_lines(path):
-                _apply(state, rec)
+        for rec in _read_snapshot(self.snapshot):
+            _apply(state, rec)
+        journal = _read_lines(self.journal)
+        for rec in journal:
+            _apply(state, rec)
+        self._journaled = len(journal)
         return state
 
     # -- writing -----------------------------------------------------------------
@@ -70,18 +79,23 @@ class StateFile:
 
     def record(self, rec: Record) -> None:
         """Queue one change; :meth:`flush` writes it."""
-        self._buffer.append(json.dumps(rec, separators=(",", ":")))
+        self._buffer.append(to_json(rec))
 
     def flush(self) -> None:
         if not self._buffer or self._fd < 0:
             return
-        data = ("\n".join(self._buffer) + "\n").encode()
+        data = b"\n".join(self._buffer) + b"\n"
         self._journaled += len(self._buffer)
         self._buffer.clear()
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
+
+    @property
+    def dirty(self) -> bool:
+        """Has anything been journaled since the last snapshot?"""
+        return bool(self._journaled or self._buffer)
 
     @property
     def wants_compaction(self) -> bool:
@@ -91,12 +105,12 @@ class StateFile:
         """Write a snapshot of ``records`` atomically and start a new journal."""
         self.flush()
         tmp = self.snapshot.with_suffix(".tmp")
+        data = to_json({"version": 1, "records": list(records)})
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            with os.fdopen(fd, "w", closefd=False) as f:
-                for rec in records:
-                    f.write(json.dumps(rec, separators=(",", ":")))
-                    f.write("\n")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -117,17 +131,29 @@ class StateFile:
             self._fd = -1
 
 
+def _read_snapshot(path: Path) -> list[Record]:
+    try:
+        doc = from_json(path.read_bytes())
+    except FileNotFoundError:
+        return []
+    except ValueError:
+        log.error("%s: unreadable snapshot ignored", path)
+        return []
+    records = doc.get("records") if isinstance(doc, dict) else None
+    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+
+
 def _read_lines(path: Path) -> list[Record]:
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        data = path.read_bytes()
     except FileNotFoundError:
         return []
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(data.split(b"\n"), 1):
         if not line:
             continue
         try:
-            rec = json.loads(line)
+            rec = from_json(line)
         except ValueError:
             log.warning("%s:%d: skipping a torn or corrupt record", path, n)
             continue

@@ -73,7 +73,7 @@ def test_non_root_daemon_lives_under_xdg_runtime_dir() -> None:
         path, line = client.stdout.splitlines()
         assert path == str(sock)
         assert line == f"ipc://{xdg}/shmbroker/events.sock 4096"
-        assert (xdg / "shmbroker" / "state" / "state.jsonl").exists()
+        assert (xdg / "shmbroker" / "state" / "state.json").exists()
         assert (xdg / "shmbroker" / "state").stat().st_uid == UID
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -128,5 +128,5 @@ def test_root_daemon_lives_under_run_shmbroker() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.split()
     assert lines[:2] == ["/run/shmbroker/shmbroker.sock", "ipc:///run/shmbroker/events.sock"]
-    assert "state.jsonl" in lines
+    assert "state.json" in lines
     time.sleep(0)  # nothing of the namespace outlives it

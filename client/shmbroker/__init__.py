@@ -18,6 +18,7 @@ from .errors import (
     SegmentPermissionError,
     SegmentTimeoutError,
 )
+from .ring import Message, Ring, RingClosedError, RingOverrunError, RingReader, RingWriter
 from .segment import Segment
 from .wire import ClientInfo, Event, HelloResult, StatsResult
 from .wire import Segment as SegmentInfo
@@ -29,6 +30,12 @@ __all__ = [
     "ClientInfo",
     "Event",
     "HelloResult",
+    "Message",
+    "Ring",
+    "RingClosedError",
+    "RingOverrunError",
+    "RingReader",
+    "RingWriter",
     "Segment",
     "SegmentExistsError",
     "SegmentInfo",

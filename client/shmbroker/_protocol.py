@@ -9,12 +9,12 @@ the sync and async clients differ only in how they wait.
 from __future__ import annotations
 
 import errno
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json, to_json
 
 from . import wire
 from .errors import BrokerError, error_from_code, error_from_errno
@@ -47,7 +47,10 @@ class ClientProtocol:
         rid = self._next_id
         self._next_id += 1
         body = {"id": rid, "op": op, **{k: v for k, v in params.items() if v is not None}}
-        data = json.dumps(body, separators=(",", ":")).encode()
+        try:
+            data = to_json(body)
+        except ValueError:  # e.g. a lone surrogate in a name
+            raise error_from_errno(errno.EINVAL, f"{op}: parameters cannot be encoded") from None
         if len(data) > wire.MAX_MESSAGE:
             raise error_from_errno(errno.EMSGSIZE, "request over 65536 bytes")
         expects_fd = op in wire.FD_OPS and params.get("fd", True) is not False
@@ -61,7 +64,7 @@ class ClientProtocol:
     def receive(self, data: bytes, fds: list[int]) -> Reply | None:
         """Decode a reply; None if it answers nothing we wait for (fds closed)."""
         try:
-            body = json.loads(data)
+            body = from_json(data)
             rid = body["id"]
             ok = body["ok"]
         except (ValueError, TypeError, KeyError, RecursionError):
