@@ -1,0 +1,104 @@
+"""``python -m bench [--quick] [--only NAME]``: run the figures, print one table."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from . import create_rt, mmap_floor, open_rt, throughput
+from ._env import Env, Settings, log
+from ._stats import Row, table
+
+FIGURES: dict[str, Callable[[Env], list[Row]]] = {
+    "open": open_rt.run,
+    "create": create_rt.run,
+    "throughput": throughput.run,
+    "mmap": mmap_floor.run,
+}
+
+
+def _busy_seconds() -> float:
+    """CPU time the whole machine has spent busy since boot, in core-seconds."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    """CPU time of this process and of every descendant it has waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # so that the daemon and workers are cleaned up
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="shmbroker benchmarks: each figure next to its floor, measured in one run.",
+    )
+    p.add_argument("--quick", action="store_true", help="few samples, short runs (a smoke run)")
+    p.add_argument("--only", choices=sorted(FIGURES), help="run one figure")
+    a = p.parse_args(argv)
+    settings = Settings.quick() if a.quick else Settings()
+    names = [a.only] if a.only else list(FIGURES)
+
+    signal.signal(signal.SIGTERM, _terminate)
+    load_before = os.getloadavg()[0]
+    busy_before, own_before = _busy_seconds(), _own_seconds()
+    started = time.monotonic()
+    env = Env(settings)
+    rows: list[Row] = []
+    try:
+        for name in names:
+            t0 = time.monotonic()
+            log(f"{name}...")
+            rows.extend(FIGURES[name](env))
+            log(f"{name} done in {time.monotonic() - t0:.1f} s")
+    except KeyboardInterrupt:
+        log("interrupted; cleaning up")
+        return 130
+    except (RuntimeError, TimeoutError) as exc:  # a worker or a server failed: said above
+        log(f"failed: {exc}")
+        return 1
+    finally:
+        env.close()
+    elapsed = time.monotonic() - started
+    # Every process the bench started has been waited for by now, so what the
+    # machine did besides is the busy time it is not accounted for.
+    others = (_busy_seconds() - busy_before) - (_own_seconds() - own_before)
+    share = max(0.0, others) / (elapsed * (os.cpu_count() or 1))
+
+    print(
+        f"shmbroker benchmarks: {os.cpu_count()} CPUs, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+    print(
+        f"{settings.samples} samples per latency (after {settings.warmup} warm-up), "
+        f"{settings.ops_seconds:g} s per ops/s run; took {elapsed:.0f} s"
+    )
+    print(
+        f"other work on the machine during the run: {max(0.0, others):.1f} CPU-seconds "
+        f"({share:.0%} of its capacity); load average before {load_before:.2f}"
+    )
+    print()
+    print(table(rows))
+    print()
+    print("ratio: broker cost / floor cost (latency broker/floor, ops/s floor/broker);")
+    print("above 1 means slower than the floor.")
+    for problem in env.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    return 1 if env.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

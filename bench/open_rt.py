@@ -1,0 +1,33 @@
+"""Figure 1: the open round trip, from a separate process against a real daemon.
+
+One iteration is a whole use of a segment by a reader: ``open`` request, the
+fd in the reply, ``mmap``, ``munmap``, close, ``release`` request.  Measured
+twice, with the client library (``Broker.open`` as a context manager) and
+with the minimal client of ``_worker.RawClient``; the floor is that minimal
+client against the floor server, which answers without doing anything.
+"""
+
+from __future__ import annotations
+
+from ._env import Env, interleaved_latency
+from ._stats import Row, latency_rows
+from ._worker import start_all
+
+
+def run(env: Env) -> list[Row]:
+    name = env.open_segment()
+    sock = env.daemon.socket
+    workers = {
+        "lib": env.worker("lib-open", sock, name),
+        "raw": env.worker("raw-open", sock, name),
+        "floor": env.worker("raw-open", env.floor.path, name),
+    }
+    start_all(list(workers.values()))
+    try:
+        s = interleaved_latency(workers, env.settings)
+    finally:
+        env.stop_workers(workers)
+    return [
+        *latency_rows("1 open round trip, client library", s["lib"], s["floor"]),
+        *latency_rows("1 open round trip, minimal client", s["raw"], s["floor"]),
+    ]
