@@ -36,10 +36,11 @@ class Store:
     def __init__(self, prefix: str, shm_dir: str = SHM_DIR) -> None:
         self.prefix = prefix
         self.shm_dir = shm_dir
+        self._base = os.path.join(shm_dir, prefix)
         self._memfds: dict[str, int] = {}
 
     def path(self, segment_id: str) -> str:
-        return os.path.join(self.shm_dir, self.prefix + segment_id)
+        return f"{self._base}{segment_id}"
 
     def create(self, segment_id: str, size: int, backing: str) -> None:
         """Make and reserve the object; raise ``ENOSPC`` if memory is short."""

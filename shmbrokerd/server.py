@@ -53,6 +53,9 @@ _MAX_FDS_IN = 253  # SCM_MAX_FD: whatever arrives fits, and is closed
 _ANC_SPACE = socket.CMSG_SPACE(_MAX_FDS_IN * 4)
 _BATCH = 32
 _UCRED = struct.Struct("3i")
+# plain ints: enum.Flag arithmetic on every datagram is measurable
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 
 @dataclass
@@ -101,6 +104,9 @@ class Server:
         self._memfd_created = memfd_created
         self._memfd_unlinked = memfd_unlinked
         self.conns: dict[int, Connection] = {}
+        # one receive buffer, reused: a datagram is copied out at its own size
+        self._rbuf = bytearray(wire.MAX_MESSAGE + 1)
+        self._rview = memoryview(self._rbuf)
         self._per_uid: dict[int, int] = {}
         self._next_peer = 1
         self._listener: socket.socket | None = None
@@ -255,18 +261,18 @@ class Server:
             if conn.closed:
                 return
             try:
-                data, anc, flags, _ = conn.sock.recvmsg(wire.MAX_MESSAGE + 1, _ANC_SPACE)
+                size, anc, flags, _ = conn.sock.recvmsg_into([self._rbuf], _ANC_SPACE)
             except BlockingIOError:
                 return
             except OSError as exc:
                 self._close(conn, f"receive failed: {exc.strerror}")
                 return
-            nfds = _close_fds(anc)
-            if not data and not nfds and not flags & socket.MSG_TRUNC:
+            nfds = _close_fds(anc) if anc else 0
+            if not size and not nfds and not flags & _MSG_TRUNC:
                 self._close(conn, None)  # an empty datagram is the end of the connection
                 return
-            truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
-            self._handle(conn, data, nfds, truncated)
+            data = self._rview[:size].tobytes()
+            self._handle(conn, data, nfds, bool(flags & _TRUNCATED))
 
     def _handle(self, conn: Connection, data: bytes, nfds: int, truncated: bool) -> None:
         rid, req = decode(data, nfds=nfds, truncated=truncated)
@@ -287,7 +293,7 @@ class Server:
             log.exception("internal error in %s", op)
             self._refuse(conn, req.id, op, error_from_errno(errno.EIO, "internal error"))
         finally:
-            self.run_effects()
+            self.run_effects()  # for requests whose handler sent no reply (a waiting open)
 
     def _refuse(
         self, conn: Connection, rid: int | None, op: str, exc: OSError, name: str | None = None
