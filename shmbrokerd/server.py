@@ -112,6 +112,7 @@ class Server:
         self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wait_timers: dict[int, asyncio.TimerHandle] = {}
+        self._events: list[tuple[Publish, float]] = []
         self._ttl_timers: dict[str, asyncio.TimerHandle] = {}
         self.requests: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
@@ -159,6 +160,7 @@ class Server:
         for conn in list(self.conns.values()):
             self._close(conn, None)
         self.run_effects()
+        self._flush_events()
         for handle in [*self._wait_timers.values(), *self._ttl_timers.values()]:
             handle.cancel()
 
@@ -447,7 +449,11 @@ class Server:
     def _effect(self, eff: Effect) -> None:
         assert self._loop is not None
         if isinstance(eff, Publish):
-            self._publish(eff, time.time())
+            # published after this wakeup's replies have left: events are best
+            # effort, replies are what clients wait for
+            if not self._events:
+                self._loop.call_soon(self._flush_events)
+            self._events.append((eff, time.time()))
         elif isinstance(eff, Unlink):
             self.store.unlink(eff.segment.id, eff.segment.backing)
             self._ttl_timers.pop(eff.segment.id, None)
@@ -477,6 +483,11 @@ class Server:
             else:
                 assert eff.error is not None
                 self._refuse(conn, eff.request_id, "open", eff.error)
+
+    def _flush_events(self) -> None:
+        events, self._events = self._events, []
+        for ev, ts in events:
+            self._publish(ev, ts)
 
     def _ttl_expired(self, segment_id: str, generation: int) -> None:
         self._ttl_timers.pop(segment_id, None)
