@@ -111,7 +111,7 @@ stress: setup
 	SHMBROKER_STRESS=1 SHMBROKER_WRITE_REPORT=1 $(VPY) -m pytest tests/stress -m stress
 
 fuzz: setup
-	$(VPY) tests/fuzz_live.py --messages 1000000 --spawn
+	$(VPY) -m tests.fuzz_live --messages 1000000 --spawn
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build client/build

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tests/fuzz_live.py --messages N [--connections K] (--socket PATH | --spawn)
+    python -m tests.fuzz_live --messages N [--connections K] (--socket PATH | --spawn)
 
 prints one JSON line of counts and exits 1 if any reply broke the contract
 (or, with ``--spawn``, if the daemon it started ended unhealthy).
@@ -50,6 +50,8 @@ from typing import Any
 
 from shmbroker.wire import MAX_ID, MAX_MESSAGE, MAX_NAME, OPS
 
+from .contract import DAEMON_CODES, SEGMENT_KEYS
+
 __all__ = [
     "CODES",
     "PARAMS",
@@ -64,39 +66,7 @@ __all__ = [
 ]
 
 #: Error codes of the contract's table, plus EAGAIN (too many waiting opens).
-CODES = frozenset(
-    {
-        "EBADMSG",
-        "EINVAL",
-        "EOPNOTSUPP",
-        "ENAMETOOLONG",
-        "ENOENT",
-        "EEXIST",
-        "EACCES",
-        "EDQUOT",
-        "ENOSPC",
-        "EPERM",
-        "ETIMEDOUT",
-        "EMFILE",
-        "EAGAIN",
-    }
-)
-SEGMENT_KEYS = frozenset(
-    {
-        "id",
-        "name",
-        "size",
-        "lifetime",
-        "ttl",
-        "sealed",
-        "backing",
-        "mode",
-        "created",
-        "owner_uid",
-        "owner_gid",
-        "leases",
-    }
-)
+CODES = DAEMON_CODES
 LIFETIMES = ("persistent", "owner", "refcount", "ttl")
 _ANC = socket.CMSG_SPACE(16 * 4)
 _NO_ERROR: frozenset[str] = frozenset()

@@ -9,7 +9,7 @@ back to its fds, within a memory bound, nothing left under its prefix in
 ``/dev/shm``, and no traceback in its log.
 
 A failure prints the run's summary, with its seed:
-``python tests/fuzz_live.py --spawn --messages 100000 --seed SEED`` replays
+``python -m tests.fuzz_live --spawn --messages 100000 --seed SEED`` replays
 the same messages (the interleaving of connections varies).
 """
 

@@ -18,23 +18,10 @@ from typing import Any
 
 import pytest
 
+from .contract import SEGMENT_KEYS
 from .helpers import DaemonProc, eventually
 
 MAX_MESSAGE = 65536
-SEGMENT_KEYS = {
-    "id",
-    "name",
-    "size",
-    "lifetime",
-    "ttl",
-    "sealed",
-    "backing",
-    "mode",
-    "created",
-    "owner_uid",
-    "owner_gid",
-    "leases",
-}
 
 
 class Raw:

@@ -25,23 +25,8 @@ from shmbroker.errors import BrokerError, error_from_errno
 from shmbrokerd.protocol import decode, encode_error, encode_ok, error_code
 from shmbrokerd.registry import Grant, SegmentRecord
 
-#: Every code of the contract's error table.
-CONTRACT_CODES = frozenset(
-    {
-        "EBADMSG",
-        "EINVAL",
-        "EOPNOTSUPP",
-        "ENAMETOOLONG",
-        "ENOENT",
-        "EEXIST",
-        "EACCES",
-        "EDQUOT",
-        "ENOSPC",
-        "EPERM",
-        "ETIMEDOUT",
-        "EMFILE",
-    }
-)
+from .contract import CONTRACT_CODES
+
 #: The ones that depend on the datagram alone, which is all decode sees.
 DECODE_CODES = frozenset({"EBADMSG", "EINVAL", "EOPNOTSUPP", "ENAMETOOLONG"})
 
