@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, Literal
 
 from . import wire
@@ -88,6 +88,36 @@ class Mappings:
         key = (mapping.name, mapping.writable)
         if self._maps.get(key) is mapping:
             del self._maps[key]
+
+
+#: A request flow: yields (op, params), is sent each Reply, returns its result.
+Flow = Generator[tuple[str, dict[str, Any]], Reply, Segment]
+
+
+def open_flow(
+    mappings: Mappings,
+    name: str,
+    access: Access,
+    wait: float | None,
+    release: Callable[[str], None],
+    leases: set[str],
+) -> Flow:
+    """``open``, for both clients: reuse this broker's mapping when the id matches.
+
+    The sync client drives it with blocking calls, the async one with awaits.
+    """
+    cached = mappings.cached(name, access)
+    if cached is not None:  # already mapped here: a lease without an fd
+        reply = yield "open", open_params(name, access, wait, fd=False)
+        reused = mappings.reuse(reply, cached, release)
+        if isinstance(reused, Segment):
+            leases.add(reused.lease)
+            return reused
+        yield "release", {"lease": reused}  # the name now means another segment
+    reply = yield "open", open_params(name, access, wait)
+    seg = mappings.segment(reply, access, release)
+    leases.add(seg.lease)
+    return seg
 
 
 def to_info(reply: Reply) -> wire.Segment:

@@ -204,16 +204,18 @@ class AsyncBroker:
         return self._segment(await self._call("create", **params), "rw")
 
     async def open(self, name: str, access: Access = "ro", wait: float | None = None) -> Segment:
-        cached = self._mappings.cached(name, access)
-        if cached is not None:  # already mapped here: a lease without an fd
-            reply = await self._call("open", **_api.open_params(name, access, wait, fd=False))
-            reused = self._mappings.reuse(reply, cached, self._release_later)
-            if isinstance(reused, Segment):
-                self._leases.add(reused.lease)
-                return reused
-            await self.release(reused)  # the name now means another segment
-        reply = await self._call("open", **_api.open_params(name, access, wait))
-        return self._segment(reply, access)
+        return await self._drive(
+            _api.open_flow(self._mappings, name, access, wait, self._release_later, self._leases)
+        )
+
+    async def _drive(self, flow: _api.Flow) -> Segment:
+        op, params = next(flow)
+        while True:
+            try:
+                op, params = flow.send(await self._call(op, **params))
+            except StopIteration as done:
+                seg: Segment = done.value
+                return seg
 
     async def release(self, lease: str) -> None:
         (await self._call("release", lease=lease)).unwrap()

@@ -183,15 +183,18 @@ class Broker:
 
     def open(self, name: str, access: Access = "ro", wait: float | None = None) -> Segment:
         """Open and map a segment; with ``wait``, wait that long for its creation."""
-        cached = self._mappings.cached(name, access)
-        if cached is not None:  # already mapped here: a lease without an fd
-            reply = self._call("open", **_api.open_params(name, access, wait, fd=False))
-            reused = self._mappings.reuse(reply, cached, self._release_segment)
-            if isinstance(reused, Segment):
-                self._leases.add(reused.lease)
-                return reused
-            self.release(reused)  # the name now means another segment
-        return self._segment(self._call("open", **_api.open_params(name, access, wait)), access)
+        return self._drive(
+            _api.open_flow(self._mappings, name, access, wait, self._release_segment, self._leases)
+        )
+
+    def _drive(self, flow: _api.Flow) -> Segment:
+        op, params = next(flow)
+        while True:
+            try:
+                op, params = flow.send(self._call(op, **params))
+            except StopIteration as done:
+                seg: Segment = done.value
+                return seg
 
     def release(self, lease: str) -> None:
         self._call("release", lease=lease).unwrap()

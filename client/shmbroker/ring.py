@@ -1,11 +1,20 @@
 """A single-producer, many-reader ring of messages in a brokered segment.
 
->>> from shmbroker import Broker, Ring
->>> with Broker() as b, Ring.create(b, "camera/frames", 8, 1 << 20, mode=0o644) as w:
-...     w.write(b"frame 0")
->>> with Broker() as b, Ring.open(b, "camera/frames", wait=5) as r:  # elsewhere
-...     with r.next(timeout=1) as view:  # a read-only view of the slot, no copy
-...         header = bytes(view[:5])
+In the producer::
+
+    with Broker() as b, Ring.create(b, "camera/frames", 8, 1 << 20, mode=0o644) as ring:
+        for frame in frames:
+            ring.write(frame)               # one copy, into the next slot
+
+In any number of consumers::
+
+    with Broker() as b, Ring.open(b, "camera/frames", wait=5) as ring:
+        while True:
+            try:
+                with ring.next(timeout=1) as view:  # the slot itself, read-only
+                    use(view)
+            except RingOverrunError as e:   # lapped: e.lost frames are gone
+                log(e)
 
 Strategy.  The daemon only brokers the segment; it is never on the data path.
 One writer maps the ring read-write, every reader maps it read-only, so a
@@ -39,22 +48,35 @@ writer anything through the ring itself, which decides the rest:
   before reusing a slot waits until every known reader is done with it.  A
   reader the writer has not yet found is lossy until it is found; a reader
   that died stalls the writer only until the next refresh sees its cursor
-  gone.  The nonce in the name keeps readers of an older ring of the same
-  name from holding up a new one.
-* **A futex doorbell.**  A reader that finds nothing spins for ``spin``
-  seconds, then sleeps in ``FUTEX_WAIT`` on the low 32 bits of the
-  published-count word (which also carries the closed bit); the writer does
-  ``FUTEX_WAKE`` after every publish and at close.  Shared (non-private)
-  futexes on a ``MAP_SHARED`` file mapping are keyed by the file's page and
-  offset, so they work across processes whatever the mapping addresses, and
-  ``FUTEX_WAIT`` only reads the word, so it works on the read-only mapping
-  (both checked by the tests).  A blocked writer does the same on the
-  reader's cursor word, after setting a "writer waiting" word in the ring
-  that readers check after each message, so readers make the wake syscall
-  only when someone sleeps.  Every sleep is bounded (1 s for readers, the
-  refresh interval for the writer) as a safety net for a wake that races a
-  sleep; the protocol does not rely on it.  On an architecture without a
-  known futex syscall number the sleep is a 1 ms poll.
+  gone, but a live reader that stops reading stalls it for good (writes then
+  time out): use back-pressure with readers you trust to keep up.  The nonce
+  in the name keeps readers of an older ring of the same name from holding
+  up a new one.
+* **A futex doorbell.**  A reader that finds nothing polls for ``spin``
+  seconds (yielding the CPU at each turn, so that on a busy machine the
+  writer it waits for gets to run), then sleeps in ``FUTEX_WAIT`` on the low
+  32 bits of the published-count word (which also carries the closed bit).
+  Shared (non-private) futexes on a ``MAP_SHARED`` file mapping are keyed by
+  the file's page and offset, so they work across processes whatever the
+  mapping addresses, and ``FUTEX_WAIT`` only reads the word, so it works on
+  the read-only mapping (both checked by the tests).  On a lossy ring the
+  writer does ``FUTEX_WAKE`` after every publish (about 1-2 us), since its
+  readers cannot say whether they sleep; on a back-pressure ring a reader
+  sets a word of its cursor while it sleeps and the writer rings only if a
+  known reader's word is set (a reader the writer has not found yet may wake
+  up to ``refresh`` s late).  Close always rings.
+  A writer held up by a reader polls the same way, then writes in line 2 of
+  the ring the cursor value that frees about half the ring and sleeps on
+  that reader's cursor word; the reader wakes it when its cursor reaches
+  that value.  So when the writer is the faster side it is woken once per
+  half ring, not once per message, and a reader that keeps up makes no
+  system call at all.  Every sleep is bounded (1 s for readers, ``refresh``
+  for the writer) as a safety net for a wake that races a sleep (each side
+  stores its flag and then reads the other's word, which x86-64 may reorder;
+  the kernel re-reads the futex word behind a barrier, which closes that
+  window in practice); the protocol does not rely on the bound.  On an
+  architecture without a known futex syscall number the sleep is a 1 ms
+  poll.
 * **Memory ordering.**  Python has no atomics.  Every control word is an
   8-byte aligned ``uint64`` read or written through a ``memoryview`` cast to
   ``"Q"``: CPython compiles that to one aligned 8-byte load or store, which
@@ -78,7 +100,7 @@ Layout (all fields ``uint64``, little-endian; lines are 64 bytes):
 line 0                   magic, version, flags (bit 0: back-pressure),
                          slots, slot_size, stride, data_offset, nonce
 line 1                   published count << 1 | closed (the doorbell word)
-line 2                   1 while the writer sleeps on a reader's cursor
+line 2                   the cursor value a sleeping writer waits for, or 0
 line 3 + i               slot ``i``: sequence word, message length
 ``data_offset`` (page    slot ``i`` data at ``data_offset + i * stride``;
 aligned)                 ``stride`` is ``slot_size`` rounded up to 64
@@ -87,8 +109,9 @@ aligned)                 ``stride`` is ``slot_size`` rounded up to 64
 A cursor segment is 64 bytes: word 0 is the reader's next sequence number
 plus one; 0 (just created, start not chosen yet) holds every slot, so that
 the reader's start is safe whenever the writer finds it; ``2**64 - 1`` is a
-reader that closed.  :meth:`RingWriter.wait_for_readers` counts readers that
-have chosen their start.
+reader that closed.  Word 1 is 1 while the reader sleeps on the doorbell.
+:meth:`RingWriter.wait_for_readers` counts readers that have chosen their
+start.
 
 Writers and readers are not thread-safe; use one per thread.  They need the
 blocking :class:`~shmbroker.Broker` (an asyncio program can run a ring in a
@@ -101,6 +124,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import platform
 import secrets
 import sys
@@ -130,7 +154,7 @@ DETACHED = 2**64 - 1
 # word indexes (uint64) in the header
 _MAGIC, _VERSION, _FLAGS, _SLOTS, _SLOT_SIZE, _STRIDE, _DATA_OFFSET, _NONCE = range(8)
 _STATE = LINE // 8  # published << 1 | closed
-_WAITING = 2 * LINE // 8  # the writer sleeps on a reader cursor
+_WAITING = 2 * LINE // 8  # the cursor value a sleeping writer waits for (0: none)
 _SLOT0 = 3 * LINE // 8  # slot i: seq at _SLOT0 + 8 i, length right after
 _SLOT_WORDS = LINE // 8
 
@@ -151,9 +175,7 @@ def _layout(slots: int, slot_size: int) -> tuple[int, int, int]:
 
 # -- the futex doorbell ----------------------------------------------------------
 
-_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98, "riscv64": 98, "ppc64le": 221}.get(
-    platform.machine()
-)
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
 _FUTEX_WAIT = 0  # not FUTEX_PRIVATE_FLAG: waiters and wakers are other processes
 _FUTEX_WAKE = 1
 _WAKE_ALL = 2**31 - 1
@@ -318,7 +340,7 @@ class Ring:
         backpressure: bool = False,
         backing: Backing = "shm",
         refresh: float = 0.1,
-        spin: float = 50e-6,
+        spin: float = 100e-6,
     ) -> RingWriter:
         """Create the ring's segment and return its (only) writer.
 
@@ -368,7 +390,7 @@ class Ring:
         wait: float | None = None,
         start: Literal["latest", "oldest"] = "latest",
         cursor_mode: int = 0o644,
-        spin: float = 50e-6,
+        spin: float = 100e-6,
     ) -> RingReader:
         """Map the ring read-only and return a reader.
 
@@ -408,7 +430,7 @@ class _Cursor:
 
     def __init__(self, segment: Segment) -> None:
         self.segment = segment
-        self.words = segment.buf[:8].cast("Q")
+        self.words = segment.buf[:16].cast("Q")  # next seq + 1, sleeping
         self.addr = _address(segment.buf[:8])
 
     def close(self) -> None:
@@ -431,6 +453,7 @@ class RingWriter(Ring):
         self.seq = 0
         self._reserved = False
         self._cursors: dict[str, _Cursor] = {}
+        self._cursor_list: list[_Cursor] = []  # the same, for the hot path
         self._refreshed = time.monotonic()
 
     @property
@@ -476,9 +499,15 @@ class RingWriter(Ring):
         self.seq = s + 1
         self._reserved = False
         q[_STATE] = (s + 1) << 1
-        _futex_wake(self._state_addr)
-        if self._backpressure and time.monotonic() - self._refreshed >= self.refresh:
-            self._refresh_quietly()
+        if not self._backpressure:
+            _futex_wake(self._state_addr)  # readers cannot say whether they sleep
+            return s
+        if time.monotonic() - self._refreshed >= self.refresh:
+            self._refresh_quietly()  # first, so that a new reader's sleep is seen
+        for cur in self._cursor_list:
+            if cur.words[1]:
+                _futex_wake(self._state_addr)
+                break
         return s
 
     def write(self, data: Buffer, timeout: float | None = None) -> int:
@@ -522,7 +551,7 @@ class RingWriter(Ring):
     def _blocker(self, s: int) -> _Cursor | None:
         """A known reader not done with the message that ``s`` overwrites."""
         limit = s + 1 - self.slots
-        for cur in self._cursors.values():
+        for cur in self._cursor_list:
             if cur.words[0] <= limit:  # 0, a reader about to start, holds every slot
                 return cur
         return None
@@ -535,10 +564,14 @@ class RingWriter(Ring):
         deadline = None if timeout is None else now + timeout
         spin_end = now + self.spin
         q = self._q
+        # Asleep, wait until the reader has freed about half the ring, so that a
+        # reader that keeps up wakes the writer once per half ring, not per message.
+        need = s + 2 - self.slots + max(0, self.slots // 2 - 1)
         try:
             while blocker is not None:
                 now = time.monotonic()
                 if now < spin_end:
+                    os.sched_yield()
                     blocker = self._blocker(s)
                     continue
                 if now - self._refreshed >= self.refresh:
@@ -546,7 +579,7 @@ class RingWriter(Ring):
                 elif deadline is not None and now >= deadline:
                     raise TimeoutError(f"a reader held up message {s} for {timeout} s")
                 else:
-                    q[_WAITING] = 1
+                    q[_WAITING] = need
                     p = blocker.words[0]
                     if p <= s + 1 - self.slots:  # checked after the flag: no lost wake
                         wait = self._refreshed + self.refresh - now
@@ -562,25 +595,28 @@ class RingWriter(Ring):
         """Match the known cursors with the cursor segments that exist now."""
         self._refreshed = time.monotonic()
         present = {info.name: info.id for info in self._broker.list(self._cursor_prefix())}
-        for name, cur in list(self._cursors.items()):
-            if present.get(name) != cur.segment.id:
-                del self._cursors[name]
-                cur.close()
-        for name in present.keys() - self._cursors.keys():
-            try:
-                seg = self._broker.open(name, "ro")
-            except (FileNotFoundError, PermissionError):
-                continue  # gone meanwhile, or not ours to read
-            if seg.size < 8:
-                seg.close()
-                continue
-            self._cursors[name] = _Cursor(seg)
+        try:
+            for name, cur in list(self._cursors.items()):
+                if present.get(name) != cur.segment.id:
+                    del self._cursors[name]
+                    cur.close()
+            for name in present.keys() - self._cursors.keys():
+                try:
+                    seg = self._broker.open(name, "ro")
+                except (FileNotFoundError, PermissionError):
+                    continue  # gone meanwhile, or not ours to read
+                if seg.size < 16:
+                    seg.close()
+                    continue
+                self._cursors[name] = _Cursor(seg)
+        finally:
+            self._cursor_list = list(self._cursors.values())
 
     def _refresh_quietly(self) -> None:
         """A periodic refresh: a broker hiccup keeps the readers we know."""
         try:
             self._refresh()
-        except (ConnectionError, OSError):
+        except OSError:  # ConnectionError, or the daemon refused
             self._refreshed = time.monotonic()
 
     def close(self) -> None:
@@ -590,10 +626,11 @@ class RingWriter(Ring):
             return
         self._q[_STATE] = (self.seq << 1) | 1
         _futex_wake(self._state_addr)
-        for cur in self._cursors.values():
+        for cur in self._cursor_list:
             with contextlib.suppress(OSError):
                 cur.close()
         self._cursors.clear()
+        self._cursor_list = []
         self._release_views()
         self.segment.close()
 
@@ -613,7 +650,9 @@ class Message:
     that the writer did not overwrite the slot meanwhile, raising
     :class:`RingOverrunError` if it did (unless the block raised).  Until
     then the reader does not move on, and on a back-pressure ring the writer
-    does not reuse the slot.
+    does not reuse the slot.  Whatever was made from the view and outlives
+    the block (a numpy array over it, say) still reads the live slot: the
+    check covers what was read before the release, no more.
     """
 
     __slots__ = ("_reader", "seq", "view")
@@ -661,25 +700,30 @@ class RingReader(Ring):
         spin: float,
     ) -> None:
         super().__init__(segment)
-        self._wait_magic()
-        self._bind()
         self.spin = spin
         self.lost = 0
+        self.seq = 0
         self._current: Message | None = None
         self._cursor: Segment | None = None
         self._cursor_words: memoryview | None = None
         self._cursor_addr = 0
-        if self._backpressure:  # the cursor first: from when the writer sees it, it waits
-            token = secrets.token_hex(8)
-            cursor = broker.create(
-                self._cursor_prefix() + token, CURSOR_SIZE, lifetime="owner", mode=cursor_mode
-            )
-            self._cursor = cursor
-            self._cursor_words = cursor.buf[:8].cast("Q")
-            self._cursor_addr = _address(cursor.buf[:8])
-        published = self._q[_STATE] >> 1
-        self.seq = published if start == "latest" else max(0, published - self.slots + 1)
-        self._advance(self.seq)
+        try:
+            self._wait_magic()
+            self._bind()
+            if self._backpressure:  # the cursor first: from when the writer sees it, it waits
+                token = secrets.token_hex(8)
+                self._cursor = broker.create(
+                    self._cursor_prefix() + token, CURSOR_SIZE, lifetime="owner", mode=cursor_mode
+                )
+                self._cursor_words = self._cursor.buf[:16].cast("Q")
+                self._cursor_addr = _address(self._cursor.buf[:8])
+            published = self._q[_STATE] >> 1
+            self.seq = published if start == "latest" else max(0, published - self.slots + 1)
+            self._advance(self.seq)
+        except BaseException:
+            self._detach()
+            self._release_views()
+            raise
 
     def _wait_magic(self, timeout: float = 2.0) -> None:
         """The writer fills the header just after creating the segment: allow for it."""
@@ -731,13 +775,22 @@ class RingReader(Ring):
                 spin_end = now + self.spin
                 deadline = None if timeout is None else now + timeout
             if now < spin_end:
+                os.sched_yield()
                 continue
             if deadline is None:
-                _futex_wait(self._state_addr, state, _READER_WAIT)
+                wait = _READER_WAIT
             elif now >= deadline:
                 raise TimeoutError(f"no message on {self.name!r} within {timeout} s")
             else:
-                _futex_wait(self._state_addr, state, min(deadline - now, _READER_WAIT))
+                wait = min(deadline - now, _READER_WAIT)
+            words = self._cursor_words
+            if words is None:
+                _futex_wait(self._state_addr, state, wait)
+            else:  # a back-pressure writer rings only if a reader says it sleeps
+                words[1] = 1
+                if q[_STATE] == state:  # read after the flag: no lost wake
+                    _futex_wait(self._state_addr, state, wait)
+                words[1] = 0
 
     def _overrun(self, s: int) -> None:
         """Skip to the oldest message that may be intact; raise ``RingOverrunError``."""
@@ -751,8 +804,10 @@ class RingReader(Ring):
         self.seq = seq
         words = self._cursor_words
         if words is not None:
+            before = words[0]
             words[0] = seq + 1
-            if self._q[_WAITING]:
+            need = self._q[_WAITING]
+            if need and before < need <= seq + 1:  # the writer waits for this step
                 _futex_wake(self._cursor_addr, 1)
 
     def _check_current(self) -> None:
@@ -835,6 +890,12 @@ class RingReader(Ring):
         if self._current is not None:
             with contextlib.suppress(RingOverrunError):
                 self._current.release()
+        self._detach()
+        self._release_views()
+        self.segment.close()
+
+    def _detach(self) -> None:
+        """Tell the writer not to wait for us any more; delete the cursor."""
         if self._cursor_words is not None:
             self._cursor_words[0] = DETACHED
             _futex_wake(self._cursor_addr, 1)
@@ -844,8 +905,6 @@ class RingReader(Ring):
             with contextlib.suppress(OSError):
                 self._cursor.close()
             self._cursor = None
-        self._release_views()
-        self.segment.close()
 
     def __enter__(self) -> RingReader:
         return self
