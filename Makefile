@@ -153,3 +153,19 @@ uninstall:
 	rm -rf $(PREFIX)
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "uninstalled; kept /etc/shmbroker, /var/lib/shmbroker and the shmbroker user"
+
+# --- scale and Plasma benchmarks (docs/performance.md, "Scale" and "Repeat open") ---
+# Not part of `make bench`: ~1 minute, 100,000 segments (~400 MB of /dev/shm)
+# and 1,000 connections; bench/plasma.py creates bench/.venv-plasma (pyarrow 11)
+# on first use. Writes bench/out/scale.json and docs/perf-open-latency.png.
+STAMP_BENCH := $(VENV)/.stamp-bench
+
+$(STAMP_BENCH): $(STAMP_INSTALL) pyproject.toml
+	$(VPY) -m pip install -e '.[bench]'
+	@touch $@
+
+.PHONY: bench-scale
+bench-scale: setup $(STAMP_BENCH)
+	$(VPY) -m bench --only scale
+	$(VPY) -m bench --only plasma
+	$(VPY) -m bench.plot

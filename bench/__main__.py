@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from . import create_rt, mmap_floor, open_rt, throughput
+from . import create_rt, mmap_floor, open_rt, plasma, scale, throughput
 from ._env import Env, Settings, log
 from ._stats import Row, table
 
@@ -20,6 +20,12 @@ FIGURES: dict[str, Callable[[Env], list[Row]]] = {
     "create": create_rt.run,
     "throughput": throughput.run,
     "mmap": mmap_floor.run,
+}
+# Longer runs (scale: about two minutes) or a separate venv (plasma): only on
+# request, with --only NAME or --all (``make bench-scale`` runs both).
+EXTRA: dict[str, Callable[[Env], list[Row]]] = {
+    "scale": scale.run,
+    "plasma": plasma.run,
 }
 
 
@@ -47,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         description="shmbroker benchmarks: each figure next to its floor, measured in one run.",
     )
     p.add_argument("--quick", action="store_true", help="few samples, short runs (a smoke run)")
-    p.add_argument("--only", choices=sorted(FIGURES), help="run one figure")
+    p.add_argument("--only", choices=sorted({**FIGURES, **EXTRA}), help="run one figure")
+    p.add_argument("--all", action="store_true", help=f"also run {' and '.join(EXTRA)}")
     a = p.parse_args(argv)
     settings = Settings.quick() if a.quick else Settings()
-    names = [a.only] if a.only else list(FIGURES)
+    figures = {**FIGURES, **EXTRA}
+    names = [a.only] if a.only else list(figures if a.all else FIGURES)
 
     signal.signal(signal.SIGTERM, _terminate)
     load_before = os.getloadavg()[0]
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             t0 = time.monotonic()
             log(f"{name}...")
-            rows.extend(FIGURES[name](env))
+            rows.extend(figures[name](env))
             log(f"{name} done in {time.monotonic() - t0:.1f} s")
     except KeyboardInterrupt:
         log("interrupted; cleaning up")

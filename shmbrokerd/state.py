@@ -41,9 +41,11 @@ class Loaded:
     leases: dict[str, Record] = field(default_factory=dict)
 
     def leases_by_segment(self) -> dict[str, list[Record]]:
+        """Leases of the live segments, grouped by segment id."""
         out: dict[str, list[Record]] = {}
         for rec in self.leases.values():
-            out.setdefault(rec["s"], []).append(rec)
+            if rec["s"] in self.segments:
+                out.setdefault(rec["s"], []).append(rec)
         return out
 
 
@@ -167,10 +169,8 @@ def _apply(state: Loaded, rec: Record) -> None:
     with contextlib.suppress(KeyError, TypeError):
         if kind == "seg":
             state.segments[rec["id"]] = rec
-        elif kind == "unseg":
+        elif kind == "unseg":  # its leases stay behind, ignored: ids are never reused
             state.segments.pop(rec["id"], None)
-            for token in [t for t, lease in state.leases.items() if lease["s"] == rec["id"]]:
-                del state.leases[token]
         elif kind == "seal":
             state.segments[rec["id"]]["sealed"] = True
         elif kind == "ttl":
