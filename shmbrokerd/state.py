@@ -39,14 +39,12 @@ class Loaded:
 
     segments: dict[str, Record] = field(default_factory=dict)
     leases: dict[str, Record] = field(default_factory=dict)
+    #: segment id -> tokens of its leases (so an unlink drops them in O(leases))
+    by_segment: dict[str, set[str]] = field(default_factory=dict)
 
     def leases_by_segment(self) -> dict[str, list[Record]]:
         """Leases of the live segments, grouped by segment id."""
-        out: dict[str, list[Record]] = {}
-        for rec in self.leases.values():
-            if rec["s"] in self.segments:
-                out.setdefault(rec["s"], []).append(rec)
-        return out
+        return {sid: [self.leases[t] for t in tokens] for sid, tokens in self.by_segment.items()}
 
 
 class StateFile:
@@ -169,14 +167,22 @@ def _apply(state: Loaded, rec: Record) -> None:
     with contextlib.suppress(KeyError, TypeError):
         if kind == "seg":
             state.segments[rec["id"]] = rec
-        elif kind == "unseg":  # its leases stay behind, ignored: ids are never reused
+        elif kind == "unseg":
             state.segments.pop(rec["id"], None)
+            for token in state.by_segment.pop(rec["id"], ()):
+                del state.leases[token]
         elif kind == "seal":
             state.segments[rec["id"]]["sealed"] = True
         elif kind == "ttl":
             state.segments[rec["id"]]["at"] = rec["at"]
         elif kind == "lease":
-            if rec["s"] in state.segments:
+            if rec["s"] in state.segments and rec["t"] not in state.leases:
                 state.leases[rec["t"]] = rec
+                state.by_segment.setdefault(rec["s"], set()).add(rec["t"])
         elif kind == "unlease":
-            state.leases.pop(rec["t"], None)
+            gone = state.leases.pop(rec["t"], None)
+            if gone is not None:
+                tokens = state.by_segment[gone["s"]]
+                tokens.discard(rec["t"])
+                if not tokens:
+                    del state.by_segment[gone["s"]]
