@@ -3,6 +3,7 @@ stop the daemon with a message naming the key and the file."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import tomllib
@@ -12,7 +13,7 @@ import pytest
 
 from shmbrokerd.config import Config, ConfigError, load
 
-from .helpers import REPO, DaemonProc
+from .helpers import REPO, DaemonProc, eventually
 
 SHIPPED = REPO / "config" / "shmbrokerd.toml"
 
@@ -68,3 +69,24 @@ def test_invalid_toml_is_reported(tmp_path: Path) -> None:
     assert proc.returncode == 78
     assert str(path) in proc.stderr
     assert "not valid TOML" in proc.stderr
+
+
+def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad() -> None:
+    from shmbroker import Broker
+
+    d = DaemonProc({"max_segment_size": 1 << 20})
+    try:
+        d.start()
+        with Broker(d.socket) as b:
+            assert b.hello().limits.max_segment_size == 1 << 20
+            d.write_config(max_segment_size=4096)
+            d.signal(signal.SIGHUP)
+            eventually(lambda: b.hello().limits.max_segment_size == 4096)
+            d.write_config(max_segment_size="big")
+            d.signal(signal.SIGHUP)
+            eventually(lambda: "reload refused" in d.log())
+            assert "key 'max_segment_size'" in d.log()
+            assert b.hello().limits.max_segment_size == 4096  # the old config stays
+        assert d.stop() == 0
+    finally:
+        d.cleanup()

@@ -597,3 +597,23 @@ def test_journal_carries_the_structured_fields_of_a_denial(box: Box) -> None:
         "OP": "open",
         "ERRNO": "EACCES",
     }, f"journal entry lacks the structured fields: {entries[-1]}"
+
+
+def test_uninstall_reverses_install(box: Box) -> None:
+    """`make uninstall` stops the units and removes what `make install` put in place,
+    keeping the config, the state and the user (runs last: the module's install is gone)."""
+    box.client("b = Broker(SOCK)\nb.hello()\nb.close()")  # the service is running
+    box.sbx.run(["make", "-C", str(REPO), "uninstall"], timeout=120)
+    gone = [
+        f"/etc/systemd/system/{SERVICE}",
+        f"/etc/systemd/system/{SOCKET_UNIT}",
+        "/usr/lib/sysusers.d/shmbroker.conf",
+        "/usr/lib/tmpfiles.d/shmbroker.conf",
+        "/opt/shmbroker",
+    ]
+    left = box.sbx.run(["sh", "-c", f"ls -d {' '.join(gone)} 2>/dev/null || true"]).stdout
+    assert left.strip() == ""
+    assert box.is_active(SERVICE) in ("inactive", "unknown")
+    assert box.is_active(SOCKET_UNIT) in ("inactive", "unknown")
+    box.sbx.run(["test", "-f", CONFIG])  # kept
+    box.sbx.run(["getent", "passwd", "shmbroker"])  # kept
