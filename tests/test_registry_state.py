@@ -79,6 +79,13 @@ OPEN_ARGS: dict[str, st.SearchStrategy[Any]] = {
     "wait": st.sampled_from((None, None, 0.0, 3.0, 3.0, MAX_WAIT + 1)),
     "which": st.sampled_from(("any", "absent", "live")),
 }
+RECLAIM_ARGS: dict[str, st.SearchStrategy[Any]] = {
+    "pick": PICK,
+    "which": st.integers(0, 50),
+    "pending": st.sampled_from((True, True, False)),
+    "same_uid": st.sampled_from((True, True, False)),
+    "when": st.sampled_from(("now", "now", "window-end", "late")),
+}
 CREATE_ARGS: dict[str, st.SearchStrategy[Any]] = {
     "pick": PICK,
     "name": st.sampled_from(NAMES),
@@ -341,7 +348,7 @@ class RegistryMachine(RuleBasedStateMachine):
 
     @initialize(
         memfd_persistent=st.booleans(),
-        other_uid=st.sampled_from(UIDS),
+        other_uid=st.sampled_from((0, 1001)),
         seeds=st.lists(st.fixed_dictionaries(CREATE_ARGS), max_size=4),
         opens=st.lists(st.fixed_dictionaries(OPEN_ARGS), max_size=4),
     )
@@ -591,9 +598,18 @@ class RegistryMachine(RuleBasedStateMachine):
         assert sealed.describe()["sealed"] is True
         self._run()
 
-    @rule(pick=PICK, name=st.sampled_from(NAMES))
-    def delete(self, pick: int, name: str) -> None:
+    @rule(pick=PICK, name=st.sampled_from(NAMES), leased=st.booleans())
+    def delete(self, pick: int, name: str, leased: bool) -> None:
+        """Delete a name (with ``leased``, one whose segment has leases, those
+        awaiting reclaim first)."""
         peer = self._peer(pick)
+        if leased:
+            held = sorted(
+                (lease.peer is not None, lease.segment.name)
+                for lease in self.reg.leases.values()
+                if lease.segment.live
+            )
+            name = held[0][1] if held else name
         seg = self.reg.segments.get(name)
         if seg is None:
             expected = {errno.ENOENT}
@@ -615,12 +631,18 @@ class RegistryMachine(RuleBasedStateMachine):
     # -- timers ------------------------------------------------------------------
 
     @precondition(lambda self: self.timers)
-    @rule(which=st.integers(0, 50), latest=st.booleans())
-    def ttl_tick(self, which: int, latest: bool) -> None:
-        """A countdown's timer fires: the latest armed one, or any (maybe stale)."""
+    @rule(which=st.integers(0, 50), kind=st.sampled_from(("latest", "stale", "any")))
+    def ttl_tick(self, which: int, kind: str) -> None:
+        """A countdown's timer fires: the latest armed one, a stale one of a
+        segment counting down again (a later generation), or any."""
         self.reg.expire("seg-unknown", which, self.now)  # a stray one is ignored
         assert self.reg.drain() == []
-        seg_id, gen, due = self.timers[-1] if latest else self.timers[which % len(self.timers)]
+        timers = self.timers
+        if kind == "stale":
+            timers = [
+                t for t in timers if t[0] in self.current_timer and self.current_timer[t[0]] != t[1]
+            ] or timers
+        seg_id, gen, due = timers[-1] if kind == "latest" else timers[which % len(timers)]
         self.now = max(self.now, due)
         current = self.current_timer.get(seg_id) == gen
         seg = self.reg.by_id.get(seg_id)
@@ -672,9 +694,13 @@ class RegistryMachine(RuleBasedStateMachine):
     @rule(
         crash=st.booleans(),
         downtime=st.sampled_from((0.0, 3.0, 30.0)),
-        reclaims=st.lists(st.none() | PICK, max_size=6),
+        reclaims=st.lists(
+            st.none() | st.tuples(PICK, st.sampled_from((True, True, False))), max_size=6
+        ),
     )
-    def restart(self, crash: bool, downtime: float, reclaims: list[int | None]) -> None:
+    def restart(
+        self, crash: bool, downtime: float, reclaims: list[tuple[int, bool] | None]
+    ) -> None:
         """A daemon restart: clean (shutdown, snapshot) or a crash (the journal).
 
         The clients reconnect at once and reclaim some of their leases; the
@@ -747,18 +773,21 @@ class RegistryMachine(RuleBasedStateMachine):
         for creds in clients:  # the clients reconnect, to reclaim their leases
             self._connect(*creds)
         pending = sorted(self.leases)
-        for token, pick in zip(pending, reclaims, strict=False):
-            if pick is not None:
-                self._reclaim(token, pick, same_uid=True)
+        for token, how in zip(pending, reclaims, strict=False):
+            if how is not None:  # by a client of its uid, or of another
+                self._reclaim(token, *how)
 
-    @rule(
-        pick=PICK,
-        which=st.integers(0, 50),
-        pending=st.sampled_from((True, True, False)),
-        same_uid=st.sampled_from((True, True, False)),
-        when=st.sampled_from(("now", "now", "window-end", "late")),
-    )
-    def reclaim(self, pick: int, which: int, pending: bool, same_uid: bool, when: str) -> None:
+    @rule(**RECLAIM_ARGS)
+    def reclaim(self, **kw: Any) -> None:
+        self._reclaim_one(**kw)
+
+    @precondition(lambda self: self.reg.reclaim_until > 0)
+    @rule(**RECLAIM_ARGS)
+    def reclaim_in_window(self, **kw: Any) -> None:
+        """The same, while leases await reclaim: where it matters most."""
+        self._reclaim_one(**kw)
+
+    def _reclaim_one(self, pick: int, which: int, pending: bool, same_uid: bool, when: str) -> None:
         """Reclaim a lease awaiting it (maybe by a peer of its uid, maybe one whose
         segment was deleted since), or any token; now, at the window's end or after."""
         if self.reg.reclaim_until and when != "now":
@@ -774,8 +803,9 @@ class RegistryMachine(RuleBasedStateMachine):
     def _reclaim(self, token: str, pick: int, same_uid: bool) -> None:
         m = self.leases.get(token)
         peer = self._peer(pick)
-        if same_uid and m is not None:
-            peer = next((p for p in self.peers.values() if p.uid == m.uid), peer)
+        if m is not None:  # a peer of its uid, or of another uid
+            others = [p for p in self.peers.values() if (p.uid == m.uid) == same_uid]
+            peer = others[pick % len(others)] if others else peer
         live = self._live_by_id()
         ok = (
             m is not None
