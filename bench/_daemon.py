@@ -12,15 +12,14 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from . import REPO
+from ._proc import stop, wait_connectable
 
 __all__ = ["BrokerDaemon"]
 
@@ -56,18 +55,7 @@ class BrokerDaemon:
         return self.proc.pid
 
     def _wait_ready(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
-            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
-                try:
-                    s.connect(self.socket)
-                    return
-                except OSError:
-                    pass
-            time.sleep(0.02)
-        raise TimeoutError(f"daemon not ready after {timeout} s:\n{self.log()}")
+        wait_connectable(self.proc, self.socket, socket.SOCK_SEQPACKET, timeout, "daemon", self.log)
 
     def log(self) -> str:
         try:
@@ -80,13 +68,7 @@ class BrokerDaemon:
 
     def cleanup(self) -> list[str]:
         """Stop the daemon (SIGTERM, then SIGKILL); remove what it left; return that."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
         left = self.objects()
         for name in left:
             with contextlib.suppress(FileNotFoundError):

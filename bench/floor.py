@@ -31,6 +31,7 @@ import sys
 from types import FrameType
 
 from . import REPO
+from ._proc import stop
 
 __all__ = ["FloorServer", "serve"]
 
@@ -129,13 +130,7 @@ class FloorServer:
             raise RuntimeError(f"floor server did not start (said {line!r})")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 

@@ -42,7 +42,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +49,7 @@ from typing import Any
 
 from . import REPO
 from ._env import Env, interleaved_latency, log
+from ._proc import stop, wait_connectable
 from ._stats import Row, latency_rows
 from ._worker import SEGMENT_SIZE, RawClient, Worker, _latency, start_all
 
@@ -130,30 +130,17 @@ class PlasmaStore:
             raise
 
     def _wait_ready(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"plasma store exited {self.proc.returncode}: "
-                    f"{self.log_path.read_text(errors='replace')}"
-                )
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                try:
-                    s.connect(self.path)
-                    return
-                except OSError:
-                    pass
-            time.sleep(0.02)
-        raise TimeoutError(f"plasma store not ready after {timeout} s")
+        wait_connectable(
+            self.proc,
+            self.path,
+            socket.SOCK_STREAM,
+            timeout,
+            "plasma store",
+            lambda: self.log_path.read_text(errors="replace"),
+        )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
 
 
 class VenvWorker(Worker):
