@@ -570,14 +570,12 @@ class RingWriter(Ring):
         try:
             while blocker is not None:
                 now = time.monotonic()
-                if now < spin_end:
-                    os.sched_yield()
-                    blocker = self._blocker(s)
-                    continue
                 if now - self._refreshed >= self.refresh:
                     self._refresh_quietly()  # a dead reader's cursor is gone by now
                 elif deadline is not None and now >= deadline:
                     raise TimeoutError(f"a reader held up message {s} for {timeout} s")
+                elif now < spin_end:
+                    os.sched_yield()
                 else:
                     q[_WAITING] = need
                     p = blocker.words[0]
@@ -774,15 +772,12 @@ class RingReader(Ring):
             if not spin_end:
                 spin_end = now + self.spin
                 deadline = None if timeout is None else now + timeout
+            if deadline is not None and now >= deadline:
+                raise TimeoutError(f"no message on {self.name!r} within {timeout} s")
             if now < spin_end:
                 os.sched_yield()
                 continue
-            if deadline is None:
-                wait = _READER_WAIT
-            elif now >= deadline:
-                raise TimeoutError(f"no message on {self.name!r} within {timeout} s")
-            else:
-                wait = min(deadline - now, _READER_WAIT)
+            wait = _READER_WAIT if deadline is None else min(deadline - now, _READER_WAIT)
             words = self._cursor_words
             if words is None:
                 _futex_wait(self._state_addr, state, wait)
