@@ -99,11 +99,6 @@ CREATE_ARGS: dict[str, st.SearchStrategy[Any]] = {
 
 Access = Literal["ro", "rw"]
 
-SEG_GONE = SegmentRecord(
-    id="gone", name="gone", size=1, lifetime="gone", ttl=None, backing="shm", mode=0,
-    created=T0, owner_uid=0, owner_gid=0, live=False,
-)  # fmt: skip
-
 
 def may(peer: Peer, seg: SegmentRecord, want: str) -> bool:
     """The contract's permission bits, written again from PROTOCOL.md."""
@@ -555,11 +550,9 @@ class RegistryMachine(RuleBasedStateMachine):
     def release(self, pick: int, which: int, held: bool) -> None:
         """Its holder releases a lease (those on ttl segments first), or a peer
         presents any token ever granted (its own, another's, a dead one)."""
-        live = self._live_by_id()
+        ttl = {seg.id for seg in self.reg.segments.values() if seg.lifetime == "ttl"}
         tokens = sorted(
-            (live.get(m.segment_id, SEG_GONE).lifetime != "ttl", t)
-            for t, m in self.leases.items()
-            if m.holder is not None
+            (m.segment_id not in ttl, t) for t, m in self.leases.items() if m.holder is not None
         )
         if held and tokens:
             token = tokens[which % 2 and which % len(tokens)][1]
@@ -609,7 +602,7 @@ class RegistryMachine(RuleBasedStateMachine):
                 for lease in self.reg.leases.values()
                 if lease.segment.live
             )
-            name = held[0][1] if held else name
+            name = held[pick % 2 and pick % len(held)][1] if held else name
         seg = self.reg.segments.get(name)
         if seg is None:
             expected = {errno.ENOENT}
