@@ -562,6 +562,9 @@ class RegistryMachine(RuleBasedStateMachine):
         else:
             peer = self._peer(pick)
             token = self.all_tokens[which % len(self.all_tokens)]
+        self._release(peer, token)
+
+    def _release(self, peer: Peer, token: str) -> None:
         ok = token in self.leases and self.leases[token].holder == peer.id
         try:
             self.reg.release(peer, token, self.now)
@@ -621,6 +624,19 @@ class RegistryMachine(RuleBasedStateMachine):
         assert not seg.live
         assert name not in self.reg.segments
 
+    @precondition(lambda self: any(seg.ttl_armed for seg in self.reg.segments.values()))
+    @rule(pick=PICK, fd=st.booleans())
+    def glance(self, pick: int, fd: bool) -> None:
+        """A client opens a segment counting down and releases it at once: the
+        countdown stops, then starts again (a new generation; the old timer is stale)."""
+        name = min(seg.name for seg in self.reg.segments.values() if seg.ttl_armed)
+        before = set(self.leases)
+        self._open(pick, name, "ro", fd, None, "any")
+        for token in set(self.leases) - before:
+            holder = self.leases[token].holder
+            assert holder is not None
+            self._release(self.peers[holder], token)
+
     # -- timers ------------------------------------------------------------------
 
     @precondition(lambda self: self.timers)
@@ -674,7 +690,7 @@ class RegistryMachine(RuleBasedStateMachine):
     )
     def apply_quota(self, quota_bytes: int, quota_segments: int, uid_quota: int | None) -> None:
         """What ``reload`` does with a new config's quotas."""
-        quotas = ()
+        quotas: tuple[Quota, ...] = ()
         if uid_quota is not None:
             quotas = (Quota(frozenset({uid_quota}), frozenset(), 4096, 1),)
         self.reg.policy = Policy(
