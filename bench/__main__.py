@@ -9,10 +9,10 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from types import FrameType
 
 from . import create_rt, mmap_floor, open_rt, plasma, scale, throughput
 from ._env import Env, Settings, log
+from ._machine import busy_seconds, own_seconds, terminate
 from ._stats import Row, table
 
 FIGURES: dict[str, Callable[[Env], list[Row]]] = {
@@ -29,24 +29,6 @@ EXTRA: dict[str, Callable[[Env], list[Row]]] = {
 }
 
 
-def _busy_seconds() -> float:
-    """CPU time the whole machine has spent busy since boot, in core-seconds."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_seconds() -> float:
-    """CPU time of this process and of every descendant it has waited for."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # so that the daemon and workers are cleaned up
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -60,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     figures = {**FIGURES, **EXTRA}
     names = [a.only] if a.only else list(figures if a.all else FIGURES)
 
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     load_before = os.getloadavg()[0]
-    busy_before, own_before = _busy_seconds(), _own_seconds()
+    busy_before, own_before = busy_seconds(), own_seconds()
     started = time.monotonic()
     env = Env(settings)
     rows: list[Row] = []
@@ -83,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     # Every process the bench started has been waited for by now, so what the
     # machine did besides is the busy time it is not accounted for.
-    others = (_busy_seconds() - busy_before) - (_own_seconds() - own_before)
+    others = (busy_seconds() - busy_before) - (own_seconds() - own_before)
     share = max(0.0, others) / (elapsed * (os.cpu_count() or 1))
 
     print(

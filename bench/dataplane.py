@@ -62,10 +62,10 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from types import FrameType
 from typing import Any
 
 from ._daemon import BrokerDaemon
+from ._machine import busy_seconds, own_seconds, terminate
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -383,24 +383,6 @@ def _table(size: int, total: int) -> str:
     return "\n".join(lines)
 
 
-def _busy_seconds() -> float:
-    """CPU time the whole machine has spent busy since boot, in core-seconds."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_seconds() -> float:
-    """CPU time of this process and of every descendant it has waited for."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.dataplane", description=__doc__.split("\n")[0]
@@ -417,9 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     rounds = a.rounds or (1 if a.quick else 5)
     sizes = [int(s) * 1024 for s in a.sizes.split(",")]
 
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     load_before = os.getloadavg()[0]
-    busy_before, own_before = _busy_seconds(), _own_seconds()
+    busy_before, own_before = busy_seconds(), own_seconds()
     started = time.monotonic()
     tmp = tempfile.mkdtemp(prefix="sbd-", dir="/tmp")
     daemon = BrokerDaemon()
@@ -454,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"daemon left /dev/shm objects (removed): {left}")
         shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.monotonic() - started
-    others = max(0.0, (_busy_seconds() - busy_before) - (_own_seconds() - own_before))
+    others = max(0.0, (busy_seconds() - busy_before) - (own_seconds() - own_before))
     share = others / (elapsed * (os.cpu_count() or 1))
 
     print(
