@@ -10,12 +10,12 @@ replies already owed, drop every peer (which releases their leases, so
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ctypes
 import grp
 import logging
 import os
-import secrets
 import signal
 import socket
 import stat
@@ -105,6 +105,8 @@ class Daemon:
         gid = self.socket_gid if self.socket_gid is not None else os.getegid()
         self.events.set_access(os.geteuid(), gid, self.config.socket_mode)
         self.server.start(listener)
+        loop.add_reader(self.events.fileno(), self.events.readable)
+        self.events.readable()
         self.registry.open_reclaim_window(time.time(), self.config.reclaim_window)
         loop.call_later(self.config.reclaim_window, self._end_reclaim)
         self.server.run_effects()
@@ -131,7 +133,7 @@ class Daemon:
         self.state = StateFile(self.state_dir)
         self.registry = Registry(
             self._limits(cfg),
-            new_token=lambda: secrets.token_urlsafe(24),
+            new_token=TokenSource().next,
             new_segment_id=_segment_id_factory(),
             journal=self.state.record,
             policy=build_policy(cfg),
@@ -319,6 +321,7 @@ class Daemon:
         if self.state.dirty:
             self.state.compact(self.registry.records())
         self.state.close()
+        loop.remove_reader(self.events.fileno())
         self.events.close()
         self.store.close()
         log.info("stopped")
@@ -373,6 +376,29 @@ class Daemon:
     def _reload_from_signal(self) -> None:
         with contextlib.suppress(ConfigError):
             self.reload()
+
+
+class TokenSource:
+    """Lease tokens: 192 random bits each, as ``secrets.token_urlsafe(24)`` gives.
+
+    The bits come from ``os.urandom`` a few KiB at a time instead of one
+    ``getrandom`` call per token: the same source, a system call less per
+    ``open``.
+    """
+
+    _CHUNK = 24 * 170
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def next(self) -> str:
+        at = self._at
+        if at + 24 > len(self._pool):
+            self._pool = os.urandom(self._CHUNK)
+            at = 0
+        self._at = at + 24
+        return base64.urlsafe_b64encode(self._pool[at : at + 24]).decode("ascii")
 
 
 def _segment_from(rec: dict[str, Any]) -> SegmentRecord | None:

@@ -7,15 +7,23 @@ every byte string, however hostile, maps to a reply, which the property tests
 check.  Parsing is done with the stdlib ``json`` under hooks that refuse what
 JSON allows but a request never needs (NaN/Infinity, duplicate keys, huge
 integers, deep nesting), then pydantic validates in strict mode.
+
+Most requests take a shorter road first: pydantic parses and validates the
+bytes in one pass (``validate_json``), which costs about half as much.  Its
+parser differs from ours on duplicate keys (the last one wins), so its
+answer is only taken when it cannot differ: no escape sequences in the
+datagram, and exactly one ``:`` per field it set, which proves there was no
+key twice and no nested object.  Anything else, valid or not, goes the
+long road, which alone decides every error.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 from pydantic_core import to_json
 
 from shmbroker.errors import BrokerError, errno_name, error_from_errno
@@ -48,6 +56,9 @@ _decoder = json.JSONDecoder(
 )
 
 
+_one_pass: TypeAdapter[Request] = TypeAdapter(Annotated[Request, Field(discriminator="op")])
+
+
 def _bad(num: int, message: str) -> BrokerError:
     return error_from_errno(num, message)
 
@@ -75,6 +86,21 @@ def decode(
 
     ``id`` is the request's id when it could be read, else None.
     """
+    if not truncated and not nfds and len(data) <= MAX_MESSAGE and b"\\" not in data:
+        try:
+            req = _one_pass.validate_json(data)
+        except ValidationError:
+            pass
+        else:
+            if data.count(b":") == len(req.model_fields_set):
+                return req.id, req
+    return decode_checked(data, nfds=nfds, truncated=truncated)
+
+
+def decode_checked(
+    data: bytes, *, nfds: int = 0, truncated: bool = False
+) -> tuple[int | None, Request | BrokerError]:
+    """:func:`decode` by the long road only (the reference the short road must match)."""
     if truncated or len(data) > MAX_MESSAGE:
         return None, _bad(errno.EBADMSG, "message over 65536 bytes or truncated")
     try:

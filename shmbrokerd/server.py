@@ -113,6 +113,7 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wait_timers: dict[int, asyncio.TimerHandle] = {}
         self._events: list[tuple[Publish, float]] = []
+        self._batching = False  # inside _readable: events wait for its end
         self._ttl_timers: dict[str, asyncio.TimerHandle] = {}
         self.requests: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
@@ -259,6 +260,15 @@ class Server:
     # -- read ------------------------------------------------------------------
 
     def _readable(self, conn: Connection) -> None:
+        self._batching = True
+        try:
+            self._read_batch(conn)
+        finally:
+            self._batching = False
+            if self._events:
+                self._flush_events()
+
+    def _read_batch(self, conn: Connection) -> None:
         for _ in range(_BATCH):
             if conn.closed:
                 return
@@ -445,14 +455,15 @@ class Server:
                 self._effect(eff)
             effects = self.registry.drain()
         self._before_reply()
+        if self._events and not self._batching:
+            self._flush_events()
 
     def _effect(self, eff: Effect) -> None:
         assert self._loop is not None
         if isinstance(eff, Publish):
-            # published after this wakeup's replies have left: events are best
-            # effort, replies are what clients wait for
-            if not self._events:
-                self._loop.call_soon(self._flush_events)
+            # published after this wakeup's replies have left (at the end of
+            # _readable): events are best effort, replies are what clients
+            # wait for
             self._events.append((eff, time.time()))
         elif isinstance(eff, Unlink):
             self.store.unlink(eff.segment.id, eff.segment.backing)

@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import select
 import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -311,3 +313,44 @@ def test_a_subscriber_that_never_reads_does_not_slow_the_daemon(daemon: DaemonPr
             ]
         finally:
             stuck.send_signal(signal.SIGKILL)
+
+
+def test_the_publisher_knows_which_prefixes_are_subscribed(tmp_path: Path) -> None:
+    """Events nobody subscribed to are never encoded: the XPUB side tracks topics."""
+    import zmq
+
+    from shmbrokerd.events import EventPublisher
+    from shmbrokerd.registry import Publish
+
+    endpoint = f"ipc://{tmp_path}/ev.sock"
+    pub = EventPublisher(endpoint, 100)
+    poller = select.poll()
+    poller.register(pub.fileno(), select.POLLIN)
+
+    def until(cond: Callable[[], bool]) -> bool:
+        """What the daemon's loop does: read subscriptions when zmq's fd says so."""
+        deadline = time.monotonic() + 10
+        while not cond() and time.monotonic() < deadline:
+            if poller.poll(100):
+                pub.readable()
+        return cond()
+
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    try:
+        assert not pub.wanted("a/x")
+        sub.connect(endpoint)
+        sub.setsockopt(zmq.SUBSCRIBE, b"a/")
+        assert until(lambda: bool(pub.topics))
+        assert pub.wanted("a/x")
+        assert not pub.wanted("b/x")
+        pub.publish(Publish("created", "a/x", 1, 0, 1), 0.0)
+        pub.publish(Publish("created", "b/x", 1, 0, 1), 0.0)
+        assert sub.poll(5000)
+        assert sub.recv_multipart()[0] == b"a/x"
+        assert not sub.poll(100)  # b/x was never sent
+        sub.close(linger=0)
+        assert until(lambda: not pub.topics)
+        assert not pub.wanted("a/x")
+    finally:
+        sub.close(linger=0)
+        pub.close()

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from shmbroker import wire
 from shmbroker._protocol import ClientProtocol
 from shmbroker.errors import BrokerError, error_from_errno
-from shmbrokerd.protocol import decode, encode_error, encode_ok, error_code
+from shmbrokerd.protocol import decode, decode_checked, encode_error, encode_ok, error_code
 from shmbrokerd.registry import Grant, SegmentRecord
 
 from .contract import CONTRACT_CODES
@@ -416,6 +416,90 @@ def test_encode_error_escapes_what_is_not_utf8() -> None:
     data = encode_error(1, err)
     data.decode("utf-8")
     assert json.loads(data)["error"]["message"] == "bad \ud800 value"
+
+
+# -- the one-pass road gives what the checked road gives ---------------------------
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+    st.sampled_from(["ro", "rw", "shm", "memfd", "ttl", "refcount", "a/b", "x:y", ""]),
+)
+_keys = st.sampled_from(
+    [
+        "op",
+        "id",
+        "name",
+        "size",
+        "lifetime",
+        "ttl",
+        "access",
+        "wait",
+        "fd",
+        "lease",
+        "mode",
+        "prefix",
+        "after",
+        "limit",
+        "client",
+        "backing",
+        "exist_ok",
+        "extra",
+    ]
+)
+
+
+@st.composite
+def _near_requests(draw: st.DrawFn) -> bytes:
+    """Requests close to valid: a real op and fields, some of them wrong or doubled."""
+    op = draw(st.sampled_from(sorted(VALID)))
+    pairs: list[tuple[str, Any]] = [("op", op), ("id", draw(st.integers(0, 2**64)))]
+    pairs += [(k, v) for k, v in VALID[op].items() if draw(st.booleans())]
+    pairs += draw(st.lists(st.tuples(_keys, st.one_of(_scalars, st.just({"a": 1}))), max_size=3))
+    pairs = draw(st.permutations(pairs))
+    sep = draw(st.sampled_from([(",", ":"), (", ", ": "), (",", " : ")]))
+    body = "{" + sep[0].join(json.dumps(k) + sep[1] + json.dumps(v) for k, v in pairs) + "}"
+    return body.encode()
+
+
+@_property(3000)
+@given(_near_requests())
+def test_one_pass_decoding_agrees_with_the_checked_decoder(data: bytes) -> None:
+    _assert_same_decoding(data)
+
+
+def _assert_same_decoding(data: bytes) -> None:
+    fast, checked = decode(data), decode_checked(data)
+    if isinstance(checked[1], BrokerError):
+        assert isinstance(fast[1], BrokerError), (data, fast)
+        assert (fast[0], error_code(fast[1]), fast[1].strerror) == (
+            checked[0],
+            error_code(checked[1]),
+            checked[1].strerror,
+        )
+    else:
+        assert fast == checked
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"op":"open","name":"a","id":1,"id":2}',
+        b'{"op":"open","name":"a","name":"b","id":1}',
+        rb'{"op":"release","lease":"a\tb","id":1}',
+        b'{"op":"release","lease":"a:b","id":1,"lease":"c"}',
+        rb'{"op":"hello","id":1,"client":"\ud800"}',
+        b'{"op":"open","name":"a","id":1,"wait":NaN}',
+        b'{"op":"open","name":"a","id":100000000000000000000000000000000000000000001}',
+        b'\xef\xbb\xbf{"op":"open","name":"a","id":1}',
+        b'{"op":"open","name":"a","id":1}garbage',
+    ],
+)
+def test_one_pass_decoding_agrees_where_the_json_parsers_differ(data: bytes) -> None:
+    _assert_same_decoding(data)
 
 
 # -- the client half, against the daemon half -------------------------------------
