@@ -137,6 +137,7 @@ class Daemon:
             new_segment_id=_segment_id_factory(),
             journal=self.state.record,
             policy=build_policy(cfg),
+            wants_event=self._wants_event,
         )
         self.server = Server(
             self.registry,
@@ -147,6 +148,7 @@ class Daemon:
             reload=self.reload,
             is_operator=self.is_operator,
             before_reply=self._before_reply,
+            after_replies=self.state.flush,
             memfd_created=self._memfd_created,
             memfd_unlinked=self.supervisor.drop_fd,
         )
@@ -224,9 +226,14 @@ class Daemon:
         del loaded, leases
         _give_back_memory()
 
+    def _wants_event(self, name: str) -> bool:
+        """Registry hook: an event is built only if a subscriber would get it."""
+        events: EventPublisher | None = getattr(self, "events", None)
+        return events is not None and events.wanted(name)
+
     def _before_reply(self) -> None:
         """The state must know a change before any reply that depends on it leaves."""
-        self.state.flush()
+        self.state.flush_urgent()
         if self.state.wants_compaction:
             self.state.compact(self.registry.records())
 

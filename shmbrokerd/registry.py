@@ -7,7 +7,9 @@ sitting.  It does no I/O and reads no clock: callers pass ``now`` and drive
 ttl and wait timers from outside, and every side effect the daemon must
 perform (unlink a backing object, publish an event, arm a timer, answer a
 waiting ``open``) is queued as an effect object for the edge to execute,
-drained with :meth:`Registry.drain`.
+drained with :meth:`Registry.drain`.  The edge may say, through
+``wants_event``, which names anyone subscribes to: an event nobody would
+receive is not even built.
 
 Creating a segment is two-phase because reserving memory can fail
 (``ENOSPC``) after every rule has passed: :meth:`Registry.check_create`
@@ -248,12 +250,14 @@ class Registry:
         new_segment_id: Callable[[], str],
         journal: Callable[[dict[str, Any]], None] = lambda rec: None,
         policy: Policy | None = None,
+        wants_event: Callable[[str], bool] = lambda name: True,
     ) -> None:
         self.limits = limits
         self.policy = policy or Policy()
         #: uid -> [bytes, segments] of the live segments it created (quotas)
         self.usage: dict[int, list[int]] = {}
         self._journal = journal
+        self._wants_event = wants_event
         self._new_token = new_token
         self._new_segment_id = new_segment_id
         self.segments: dict[str, SegmentRecord] = {}  # live ones, by name
@@ -276,6 +280,8 @@ class Registry:
         return effects
 
     def _publish(self, event: EventName, seg: SegmentRecord, peer: Peer | None) -> None:
+        if not self._wants_event(seg.name):  # nobody subscribed to it: skip the work
+            return
         self._effects.append(
             Publish(
                 event,

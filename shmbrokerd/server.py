@@ -6,7 +6,10 @@ message boundaries and no ``SCM_RIGHTS``.  Every request is handled to the
 end synchronously, so the registry never sees interleaved half-requests.  A
 reply that the peer's socket cannot take now is queued; a peer whose queue
 fills is dropped, so a client that never reads never delays anyone else.
-Each wakeup reads a bounded batch from one peer for the same reason.
+Each wakeup reads one datagram from a peer, for the same reason and because
+it is cheapest: clients wait for their replies, so a second read would
+almost always fail, and a failed read costs an exception.  A peer with more
+queued is readable again at the loop's next turn, after the others.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class Server:
         reload: Callable[[], None],
         is_operator: Callable[[int, int, frozenset[int]], bool],
         before_reply: Callable[[], None] = lambda: None,
+        after_replies: Callable[[], None] = lambda: None,
         memfd_created: Callable[[str], None] = lambda segment_id: None,
         memfd_unlinked: Callable[[str], None] = lambda segment_id: None,
     ) -> None:
@@ -101,6 +105,7 @@ class Server:
         self._reload = reload
         self._is_operator = is_operator
         self._before_reply = before_reply
+        self._after_replies = after_replies
         self._memfd_created = memfd_created
         self._memfd_unlinked = memfd_unlinked
         self.conns: dict[int, Connection] = {}
@@ -114,6 +119,7 @@ class Server:
         self._wait_timers: dict[int, asyncio.TimerHandle] = {}
         self._events: list[tuple[Publish, float]] = []
         self._batching = False  # inside _readable: events wait for its end
+        self._replied = False  # has the request being handled been answered?
         self._ttl_timers: dict[str, asyncio.TimerHandle] = {}
         self.requests: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
@@ -262,29 +268,31 @@ class Server:
     def _readable(self, conn: Connection) -> None:
         self._batching = True
         try:
-            self._read_batch(conn)
+            self._read_one(conn)
         finally:
             self._batching = False
-            if self._events:
-                self._flush_events()
+            self._replies_sent()
 
-    def _read_batch(self, conn: Connection) -> None:
-        for _ in range(_BATCH):
-            if conn.closed:
-                return
-            try:
-                size, anc, flags, _ = conn.sock.recvmsg_into([self._rbuf], _ANC_SPACE)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._close(conn, f"receive failed: {exc.strerror}")
-                return
-            nfds = _close_fds(anc) if anc else 0
-            if not size and not nfds and not flags & _MSG_TRUNC:
-                self._close(conn, None)  # an empty datagram is the end of the connection
-                return
-            data = self._rview[:size].tobytes()
-            self._handle(conn, data, nfds, bool(flags & _TRUNCATED))
+    def _read_one(self, conn: Connection) -> None:
+        try:
+            size, anc, flags, _ = conn.sock.recvmsg_into([self._rbuf], _ANC_SPACE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._close(conn, f"receive failed: {exc.strerror}")
+            return
+        nfds = _close_fds(anc) if anc else 0
+        if not size and not nfds and not flags & _MSG_TRUNC:
+            self._close(conn, None)  # an empty datagram is the end of the connection
+            return
+        data = self._rview[:size].tobytes()
+        self._handle(conn, data, nfds, bool(flags & _TRUNCATED))
+
+    def _replies_sent(self) -> None:
+        """What may trail the replies: events, and journal records no reply needs."""
+        if self._events:
+            self._flush_events()
+        self._after_replies()
 
     def _handle(self, conn: Connection, data: bytes, nfds: int, truncated: bool) -> None:
         rid, req = decode(data, nfds=nfds, truncated=truncated)
@@ -294,6 +302,7 @@ class Server:
             return
         op = req.op
         self.requests[op] += 1
+        self._replied = False
         try:
             self._handlers[op](conn, req)
         except BrokerError as exc:
@@ -305,7 +314,8 @@ class Server:
             log.exception("internal error in %s", op)
             self._refuse(conn, req.id, op, error_from_errno(errno.EIO, "internal error"))
         finally:
-            self.run_effects()  # for requests whose handler sent no reply (a waiting open)
+            if not self._replied:  # a waiting open: nothing went out to run them
+                self.run_effects()
 
     def _refuse(
         self, conn: Connection, rid: int | None, op: str, exc: OSError, name: str | None = None
@@ -455,15 +465,14 @@ class Server:
                 self._effect(eff)
             effects = self.registry.drain()
         self._before_reply()
-        if self._events and not self._batching:
-            self._flush_events()
+        if not self._batching:
+            self._replies_sent()
 
     def _effect(self, eff: Effect) -> None:
         assert self._loop is not None
         if isinstance(eff, Publish):
-            # published after this wakeup's replies have left (at the end of
-            # _readable): events are best effort, replies are what clients
-            # wait for
+            # published after this wakeup's reply has left (_replies_sent):
+            # events are best effort, replies are what clients wait for
             self._events.append((eff, time.time()))
         elif isinstance(eff, Unlink):
             self.store.unlink(eff.segment.id, eff.segment.backing)
@@ -520,6 +529,7 @@ class Server:
         # What the reply reports must already be true: unlinks, seals and the
         # journal happen before it leaves.
         self.run_effects()
+        self._replied = True
         if conn.queue:
             self._enqueue(conn, payload, fds)
             return

@@ -1,12 +1,16 @@
 """The persisted state: what a restarted daemon needs to take its segments back.
 
 Strategy: a snapshot (one JSON document) plus an append-only journal (JSON
-Lines) in the state directory.  Every change the registry makes is a small record; records
-are buffered and written (one ``write``) before the reply that depends on
-them leaves, so a client never holds a lease the state does not know, even
-if the daemon is SIGKILLed the next instant.  When the journal grows past a
-bound, a new snapshot is written atomically (temp file, fsync, rename, fsync
-of the directory) and the journal starts over.  A torn last line (a crash
+Lines) in the state directory.  Every change the registry makes is a small
+record; records are buffered and written (one ``write``) before the reply
+that depends on them leaves, so a client never holds a lease the state does
+not know, even if the daemon is SIGKILLed the next instant.  An ``unlease``
+alone is the exception: it is written just after its reply (``flush``, at
+the end of the wakeup), because losing it costs nothing lasting: after a
+restart the lease is merely reclaimable, and ends with the reclaim window.
+When the journal grows past a bound, a new snapshot is written atomically
+(temp file, fsync, rename, fsync of the directory) and the journal starts
+over.  A torn last line (a crash
 mid-write) is ignored on load.
 
 Records: ``seg`` (a segment, all its fields), ``unseg`` (it left the
@@ -55,6 +59,7 @@ class StateFile:
         self.compact_after = compact_after
         self._fd = -1
         self._buffer: list[bytes] = []
+        self._urgent = False  # buffered records that must precede a reply
         self._journaled = 0
 
     # -- reading -----------------------------------------------------------------
@@ -80,8 +85,16 @@ class StateFile:
     def record(self, rec: Record) -> None:
         """Queue one change; :meth:`flush` writes it."""
         self._buffer.append(to_json(rec))
+        if rec["k"] != "unlease":
+            self._urgent = True
+
+    def flush_urgent(self) -> None:
+        """Write the buffer if any record in it must be on file before a reply."""
+        if self._urgent:
+            self.flush()
 
     def flush(self) -> None:
+        self._urgent = False
         if not self._buffer or self._fd < 0:
             return
         data = b"\n".join(self._buffer) + b"\n"

@@ -1082,3 +1082,24 @@ def test_shutdown_then_restore_round_trip() -> None:
     assert g.segment.creator_lease == gt.lease
     new.release(b, gt.lease, T0 + 4)
     assert summary(new.drain()) == [R, "arm:3"]
+
+
+def test_events_nobody_wants_are_not_built() -> None:
+    asked: list[str] = []
+
+    def wants(name: str) -> bool:
+        asked.append(name)
+        return name.startswith("watched/")
+
+    reg = Registry(
+        Limits(1 << 20, 64, 1 << 24, 60.0),
+        new_token=itertools.count().__next__.__str__,
+        new_segment_id=lambda: f"seg-{len(asked)}",
+        wants_event=wants,
+    )
+    peer = make_peer(reg)
+    reg.release(peer, create(reg, peer, "quiet/a").lease, T0)
+    reg.release(peer, create(reg, peer, "watched/a").lease, T0)
+    events = [(e.event, e.name) for e in reg.drain() if isinstance(e, Publish)]
+    assert events == [("created", "watched/a"), ("released", "watched/a"), ("deleted", "watched/a")]
+    assert "quiet/a" in asked
