@@ -20,6 +20,10 @@ Kinds (one iteration each):
 - ``raw-open SOCK NAME``: the same round trips with a minimal client (JSON
   request, ``recvmsg``, ``json.loads``, mmap of the size in the reply,
   munmap, release); against the floor server this is the floor;
+- ``lib-open-pipe SOCK NAME``, ``raw-open-pipe SOCK NAME``: the same, but the
+  release is sent without waiting for its reply (``Broker(...,
+  pipeline_release=True)``; the minimal client reads the reply with the
+  next one);
 - ``lib-create SOCK NAME``: ``with Broker.create(NAME, 4096): pass``
   (``refcount``, so the release deletes it);
 - ``raw-create SOCK NAME``: the same with the minimal client, mapped
@@ -56,15 +60,23 @@ SEGMENT_SIZE = 4096
 class RawClient:
     """The least client that speaks the wire contract correctly enough to measure."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, pipeline: bool = False) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.connect(path)
         self.next_id = 1
+        self.pipeline = pipeline  # send releases without waiting for the reply
+        self.unread = 0  # replies of pipelined releases, read before the next one
 
-    def call(self, body: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    def send(self, body: dict[str, Any]) -> None:
         body["id"] = self.next_id
         self.next_id += 1
         self.sock.send(json.dumps(body, separators=(",", ":")).encode())
+
+    def call(self, body: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        self.send(body)
+        for _ in range(self.unread):  # answers come in order: skip the releases'
+            self.sock.recv(_RECV)
+        self.unread = 0
         data, anc, _flags, _addr = self.sock.recvmsg(_RECV, _ANC)
         fds = array.array("i")
         for level, kind, raw in anc:
@@ -87,7 +99,11 @@ class RawClient:
             m.close()
         finally:
             os.close(fd)
-        self.call({"op": "release", "lease": reply["lease"]})
+        if self.pipeline:
+            self.send({"op": "release", "lease": reply["lease"]})
+            self.unread += 1
+        else:
+            self.call({"op": "release", "lease": reply["lease"]})
 
     def close(self) -> None:
         self.sock.close()
@@ -95,21 +111,21 @@ class RawClient:
 
 def _make_op(kind: str, args: list[str]) -> tuple[Op, Op]:
     """The operation of one iteration, and what to do at exit."""
-    if kind in ("raw-open", "raw-create"):
-        raw = RawClient(args[0])
-        if kind == "raw-open":
+    if kind in ("raw-open", "raw-create", "raw-open-pipe"):
+        raw = RawClient(args[0], pipeline=kind == "raw-open-pipe")
+        if kind != "raw-create":
             req: dict[str, Any] = {"op": "open", "name": args[1], "access": "ro"}
             prot = mmap.PROT_READ
         else:
             req = {"op": "create", "name": args[1], "size": SEGMENT_SIZE}
             prot = mmap.PROT_READ | mmap.PROT_WRITE
         return (lambda: raw.grant_cycle(req, prot)), raw.close
-    if kind in ("lib-open", "lib-create"):
+    if kind in ("lib-open", "lib-create", "lib-open-pipe"):
         from shmbroker import Broker
 
-        broker = Broker(args[0])
+        broker = Broker(args[0], pipeline_release=kind == "lib-open-pipe")
         name = args[1]
-        if kind == "lib-open":
+        if kind != "lib-create":
 
             def lib_open() -> None:
                 with broker.open(name):

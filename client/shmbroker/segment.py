@@ -64,9 +64,11 @@ class Segment:
 
     ``close()`` releases the lease and this segment's share of the mapping
     (unmapped, and its fd closed, once no other open of the same segment in
-    this broker uses it).  If views of ``buf`` are still alive (a numpy
-    array, a slice someone kept), the memory stays mapped until they are
-    gone, as with :class:`mmap.mmap`; the lease is released regardless.
+    this broker uses it); when it returns the daemon has released the lease
+    (unless the broker was made with ``pipeline_release=True``).  If views of
+    ``buf`` are still alive (a numpy array, a slice someone kept), the memory
+    stays mapped until they are gone, as with :class:`mmap.mmap`; the lease is
+    released regardless.
     """
 
     def __init__(

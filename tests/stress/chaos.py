@@ -497,7 +497,10 @@ class Zygote:
                     self.ended(pid, status, "died while freezing")
             time.sleep(0.01)
         workers = [{"pid": p, "slot": self.live[p][0]} for p in self.stopped]
-        self.emit("frozen", workers=workers, stuck=sorted(pending), failures=self.failures)
+        stacks = {pid: _stack_of(pid) for pid in sorted(pending)}
+        self.emit(
+            "frozen", workers=workers, stuck=sorted(pending), stacks=stacks, failures=self.failures
+        )
 
     def thaw(self) -> None:
         for pid in self.stopped:
@@ -680,9 +683,23 @@ def _objects_problems(d: DaemonProc, segs: list[Any]) -> list[str]:
     return out
 
 
+def _stack_of(pid: int) -> str:
+    """Where a client that never froze is stuck (``py-spy dump``), for the report."""
+    spy = Path(sys.executable).with_name("py-spy")
+    try:
+        out = subprocess.run(
+            [str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(no stack: {exc})"
+    return out.stdout + out.stderr
+
+
 def _check_books(d: DaemonProc, workdir: Path, frozen: dict[str, Any]) -> dict[str, int]:
     """Clients frozen between requests: the daemon's leases are exactly theirs."""
-    assert not frozen["stuck"], f"clients that never froze: {frozen['stuck']}"
+    assert not frozen["stuck"], f"clients that never froze: {frozen['stuck']}\n" + "\n".join(
+        f"{pid}:\n{stack}" for pid, stack in frozen.get("stacks", {}).items()
+    )
     holds: dict[int, list[dict[str, Any]]] = {}
     for w in frozen["workers"]:
         holds[w["pid"]] = json.loads((workdir / "hold" / f"{w['pid']}.json").read_text())["held"]
