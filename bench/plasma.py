@@ -22,6 +22,9 @@ Three client processes, in interleaved rounds (``python -m bench.plasma
 - ``lib-reopen SOCK NAME``: ``Broker.open(NAME)`` once and kept, then
   ``with broker.open(NAME): pass`` per iteration (checked once: same fd, no
   fd added to the process);
+- ``lib-reopen-pipe SOCK NAME``: the same with
+  ``Broker(pipeline_release=True)``: the release is a one-way message, as
+  Plasma's is;
 - ``raw-reopen SOCK NAME``: the minimal client, one full open kept mapped,
   then per iteration ``open`` with ``fd: false`` (no fd may come, the
   segment ``id`` must match) and ``release``;
@@ -174,6 +177,7 @@ def run(env: Env) -> list[Row]:
         workers: dict[str, Worker] = {
             "plasma": VenvWorker(str(python), "plasma-get", store.path, warmup=warmup),
             "lib": VenvWorker(sys.executable, "lib-reopen", sock, name, warmup=warmup),
+            "lib-pipe": VenvWorker(sys.executable, "lib-reopen-pipe", sock, name, warmup=warmup),
             "raw": VenvWorker(sys.executable, "raw-reopen", sock, name, warmup=warmup),
             # figure 1's floor: what the transport costs for two round trips
             "floor": env.worker("raw-open", env.floor.path, name),
@@ -190,10 +194,16 @@ def run(env: Env) -> list[Row]:
         if store is not None:
             store.stop()
         shutil.rmtree(directory, ignore_errors=True)
-    cycles = len(s["lib"]) + len(s["raw"])
+    cycles = len(s["lib"]) + len(s["lib-pipe"]) + len(s["raw"])
     return [
         *latency_rows(
             "repeat open (fd: false) + release, client library", s["lib"], s["plasma"], PEER
+        ),
+        *latency_rows(
+            "repeat open (fd: false) + release pipelined, client library",
+            s["lib-pipe"],
+            s["plasma"],
+            PEER,
         ),
         *latency_rows(
             "repeat open (fd: false) + release, minimal client", s["raw"], s["plasma"], PEER
@@ -247,10 +257,10 @@ def _plasma_get(path: str) -> tuple[Op, Op]:
     return get_release, client.disconnect
 
 
-def _lib_reopen(path: str, name: str) -> tuple[Op, Op]:
+def _lib_reopen(path: str, name: str, pipeline: bool = False) -> tuple[Op, Op]:
     from shmbroker import Broker
 
-    broker = Broker(path)
+    broker = Broker(path, pipeline_release=pipeline)
     held = broker.open(name)
     before = _fd_count()
     with broker.open(name) as again:
@@ -298,6 +308,7 @@ def _serve(kind: str, warmup: int, args: list[str]) -> None:
     makers: dict[str, Callable[..., tuple[Op, Op]]] = {
         "plasma-get": _plasma_get,
         "lib-reopen": _lib_reopen,
+        "lib-reopen-pipe": lambda path, name: _lib_reopen(path, name, pipeline=True),
         "raw-reopen": _raw_reopen,
     }
     op, close = makers[kind](*args)
