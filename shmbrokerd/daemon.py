@@ -101,7 +101,9 @@ class Daemon:
         self._recover(handover.memfds)
         self.socket_from_systemd = handover.listener is not None
         listener = handover.listener or self._bind()
-        self.events = EventPublisher(self.events_endpoint, self.config.events_hwm)
+        self.events = EventPublisher(
+            self.events_endpoint, self.config.events_hwm, defer=loop.call_soon
+        )
         gid = self.socket_gid if self.socket_gid is not None else os.getegid()
         self.events.set_access(os.geteuid(), gid, self.config.socket_mode)
         self.server.start(listener)

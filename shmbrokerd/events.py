@@ -10,6 +10,15 @@ nobody asked for is never encoded or handed to zmq (most daemons run with
 no subscriber most of the time, and the encoding was a measurable share of
 an ``open``).  The loop watches zmq's fd (``fileno``) to learn of new
 subscriptions without a system call per event.
+
+What comes up the socket is hostile like everything else: at most
+``_READ_BATCH`` messages are read per turn of the loop (the rest on the
+next turn, so a peer flooding it cannot stall the daemon), anything but a
+subscription is ignored, and unsubscriptions are not trusted: libzmq passes
+one up even when it matched nothing, so a peer could silence the real
+subscribers of a prefix.  The set of prefixes therefore only grows (until
+``_MAX_TRACKED``, past which every event is built and zmq alone filters),
+and an event is never lost for a subscriber, at worst built for nobody.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 import zmq
@@ -33,14 +43,24 @@ _LAST = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
 #: past this many distinct prefixes, stop matching them here and let zmq filter
 _MAX_TRACKED = 64
+#: messages read from subscribers per turn of the loop
+_READ_BATCH = 64
 
 
 class EventPublisher:
-    def __init__(self, endpoint: str, hwm: int) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        hwm: int,
+        defer: Callable[[Callable[[], None]], object] = lambda cb: None,
+    ) -> None:
+        """``defer(cb)`` runs ``cb`` at the loop's next turn (``loop.call_soon``)."""
         self.endpoint = endpoint
+        self._defer = defer
+        self._deferred = False
         self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
-        # subscription messages queued for us: bounded, a flood of them is dropped
+        # what subscribers send up, queued for us: bounded
         self._sock.setsockopt(zmq.RCVHWM, 1000)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._ipc_path = endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
@@ -49,21 +69,32 @@ class EventPublisher:
                 os.unlink(self._ipc_path)
         self._sock.bind(endpoint)
         self.dropped = 0
-        #: topic prefixes with at least one subscriber (zmq deduplicates them)
+        #: topic prefixes subscribed to since the start (see the module's note)
         self.topics: set[bytes] = set()
+        #: past _MAX_TRACKED prefixes: every event is wanted
+        self.everything = False
 
     def _update_topics(self) -> None:
-        """Read the (un)subscriptions zmq has queued since the last look."""
+        """Read what subscribers sent since the last look, a bounded batch of it."""
         sock = self._sock
         try:
-            while int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
+            for _ in range(_READ_BATCH):
+                if not int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
+                    return
                 msg = sock.recv(_LAST)
-                if msg[:1] == b"\x01":
+                if msg[:1] == b"\x01" and not self.everything:
                     self.topics.add(msg[1:])
-                elif msg[:1] == b"\x00":
-                    self.topics.discard(msg[1:])
+                    self.everything = msg == b"\x01" or len(self.topics) > _MAX_TRACKED
+            # more is queued, and zmq's fd will not say so again: next turn
+            if not self._deferred:
+                self._deferred = True
+                self._defer(self._read_deferred)
         except zmq.ZMQError as exc:  # never let the stream take the daemon down
             log.warning("reading subscriptions failed: %s", exc)
+
+    def _read_deferred(self) -> None:
+        self._deferred = False
+        self._update_topics()
 
     def fileno(self) -> int:
         """Readable when zmq has something for us (a subscription): call :meth:`readable`."""
@@ -73,12 +104,12 @@ class EventPublisher:
         self._update_topics()
 
     def wanted(self, name: str) -> bool:
-        """Would any subscriber receive an event about ``name``?"""
+        """Could a subscriber receive an event about ``name``?"""
+        if self.everything:
+            return True
         topics = self.topics
         if not topics:
             return False
-        if b"" in topics or len(topics) > _MAX_TRACKED:
-            return True
         key = name.encode()
         return any(key.startswith(t) for t in topics)
 

@@ -289,10 +289,10 @@ class Server:
         self._handle(conn, data, nfds, bool(flags & _TRUNCATED))
 
     def _replies_sent(self) -> None:
-        """What may trail the replies: events, and journal records no reply needs."""
+        """What may trail the replies: journal records no reply needs, then events."""
+        self._after_replies()  # on file before anyone is told (a watcher may act on it)
         if self._events:
             self._flush_events()
-        self._after_replies()
 
     def _handle(self, conn: Connection, data: bytes, nfds: int, truncated: bool) -> None:
         rid, req = decode(data, nfds=nfds, truncated=truncated)

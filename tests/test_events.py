@@ -315,42 +315,106 @@ def test_a_subscriber_that_never_reads_does_not_slow_the_daemon(daemon: DaemonPr
             stuck.send_signal(signal.SIGKILL)
 
 
+class _Publisher:
+    """An EventPublisher driven as the daemon's loop drives it, with a SUB or XSUB peer."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        from shmbrokerd.events import EventPublisher
+
+        self.endpoint = f"ipc://{tmp_path}/ev.sock"
+        self.deferred: list[Callable[[], None]] = []
+        self.pub = EventPublisher(self.endpoint, 100, defer=self.deferred.append)
+        self.poller = select.poll()
+        self.poller.register(self.pub.fileno(), select.POLLIN)
+
+    def turn(self) -> None:
+        """One turn of the loop: zmq's fd if it says so, then what was deferred."""
+        if self.poller.poll(10):
+            self.pub.readable()
+        todo, self.deferred[:] = list(self.deferred), []
+        for cb in todo:
+            cb()
+
+    def until(self, cond: Callable[[], bool]) -> bool:
+        deadline = time.monotonic() + 10
+        while not cond() and time.monotonic() < deadline:
+            self.turn()
+        return cond()
+
+    def publish(self, name: str) -> None:
+        from shmbrokerd.registry import Publish
+
+        self.pub.publish(Publish("created", name, 1, 0, 1), 0.0)
+
+
 def test_the_publisher_knows_which_prefixes_are_subscribed(tmp_path: Path) -> None:
     """Events nobody subscribed to are never encoded: the XPUB side tracks topics."""
     import zmq
 
-    from shmbrokerd.events import EventPublisher
-    from shmbrokerd.registry import Publish
-
-    endpoint = f"ipc://{tmp_path}/ev.sock"
-    pub = EventPublisher(endpoint, 100)
-    poller = select.poll()
-    poller.register(pub.fileno(), select.POLLIN)
-
-    def until(cond: Callable[[], bool]) -> bool:
-        """What the daemon's loop does: read subscriptions when zmq's fd says so."""
-        deadline = time.monotonic() + 10
-        while not cond() and time.monotonic() < deadline:
-            if poller.poll(100):
-                pub.readable()
-        return cond()
-
+    p = _Publisher(tmp_path)
     sub = zmq.Context.instance().socket(zmq.SUB)
     try:
-        assert not pub.wanted("a/x")
-        sub.connect(endpoint)
+        assert not p.pub.wanted("a/x")
+        sub.connect(p.endpoint)
         sub.setsockopt(zmq.SUBSCRIBE, b"a/")
-        assert until(lambda: bool(pub.topics))
-        assert pub.wanted("a/x")
-        assert not pub.wanted("b/x")
-        pub.publish(Publish("created", "a/x", 1, 0, 1), 0.0)
-        pub.publish(Publish("created", "b/x", 1, 0, 1), 0.0)
+        assert p.until(lambda: bool(p.pub.topics))
+        assert p.pub.wanted("a/x")
+        assert not p.pub.wanted("b/x")
+        p.publish("a/x")
+        p.publish("b/x")
         assert sub.poll(5000)
         assert sub.recv_multipart()[0] == b"a/x"
         assert not sub.poll(100)  # b/x was never sent
-        sub.close(linger=0)
-        assert until(lambda: not pub.topics)
-        assert not pub.wanted("a/x")
     finally:
         sub.close(linger=0)
-        pub.close()
+        p.pub.close()
+
+
+def test_a_stray_unsubscribe_does_not_silence_subscribers(tmp_path: Path) -> None:
+    """libzmq passes up an unsubscribe that matched nothing: it must not count."""
+    import zmq
+
+    p = _Publisher(tmp_path)
+    ctx = zmq.Context.instance()
+    sub, rogue = ctx.socket(zmq.SUB), ctx.socket(zmq.XSUB)
+    try:
+        sub.connect(p.endpoint)
+        sub.setsockopt(zmq.SUBSCRIBE, b"cam/")
+        assert p.until(lambda: p.pub.wanted("cam/1"))
+        rogue.connect(p.endpoint)
+        for _ in range(50):
+            rogue.send(b"\x00cam/")  # cancel what it never subscribed to
+            p.turn()
+        assert p.pub.wanted("cam/1")
+        p.publish("cam/1")
+        assert sub.poll(5000)
+        assert sub.recv_multipart()[0] == b"cam/1"
+    finally:
+        sub.close(linger=0)
+        rogue.close(linger=0)
+        p.pub.close()
+
+
+def test_a_flood_up_the_event_socket_is_read_in_bounded_turns(tmp_path: Path) -> None:
+    """A peer sending junk never keeps the daemon in one callback."""
+    import zmq
+
+    p = _Publisher(tmp_path)
+    rogue = zmq.Context.instance().socket(zmq.XSUB)
+    try:
+        rogue.connect(p.endpoint)
+        for i in range(900):  # under the socket's receive high-water mark (1000)
+            rogue.send(b"junk %d" % i)
+        rogue.send(b"\x01late/")
+        turns = 0
+        while not p.pub.wanted("late/x"):
+            assert turns < 1000
+            start = time.monotonic()
+            p.turn()
+            assert time.monotonic() - start < 1.0
+            turns += 1
+        assert turns >= 900 // 64  # read 64 at a time, the rest deferred to the next turn
+        assert p.pub.topics == {b"late/"}  # junk is not a subscription
+    finally:
+        rogue.close(linger=0)
+        p.pub.close()

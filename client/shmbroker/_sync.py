@@ -124,7 +124,8 @@ class Broker:
                 reply = self._proto.receive(msg, fds)
                 if reply is None:  # most likely a pipelined release's
                     self._unread = max(self._unread - 1, 0)
-                elif reply.id == rid:
+                elif reply.id == rid:  # answers come in order: none is left unread
+                    self._unread = 0
                     return reply
         except ConnectionError as exc:
             self._sock = None
