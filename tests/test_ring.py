@@ -19,7 +19,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from shmbroker import Broker, Ring, RingClosedError, RingOverrunError, RingWriter
+from shmbroker import (
+    Broker,
+    Ring,
+    RingClosedError,
+    RingOverrunError,
+    RingWriter,
+    RingWriterGoneError,
+)
 
 from .helpers import DaemonProc, spawn_client, wait_line
 
@@ -426,6 +433,35 @@ def test_back_pressure_holds_the_writer_until_the_reader_dies(
         reader.wait()
         w.write(b"m", timeout=10)  # its cursor went with it; the writer notices
         assert w.readers == 0
+
+
+LONE_WRITER = """
+with Broker(SOCK) as b, Ring.create(b, "rings/lone", 4, 64, mode=0o644) as w:
+    for i in range(3):
+        w.write(b"m%d" % i)
+    print("READY", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_reader_learns_that_the_writer_died(
+    daemon: DaemonProc, broker: Broker, procs: list[subprocess.Popen[str]]
+) -> None:
+    writer = spawn_client(LONE_WRITER, daemon.socket)
+    procs.append(writer)
+    wait_line(writer)
+    with Ring.open(broker, "rings/lone", start="oldest") as r:
+        assert [r.read(timeout=5) for _ in range(3)] == [b"m0", b"m1", b"m2"]
+        with pytest.raises(TimeoutError):
+            r.read(timeout=1.5)  # a live writer that is quiet is not gone
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        start = time.monotonic()
+        with pytest.raises(RingWriterGoneError):
+            r.read(timeout=30)
+        assert time.monotonic() - start < 10  # found within a few one-second checks
+        with pytest.raises(RingClosedError):  # and it is a RingClosedError: loops end
+            r.read(timeout=30)
 
 
 # -- one process: the exact semantics, step by step -------------------------------

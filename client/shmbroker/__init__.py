@@ -18,7 +18,15 @@ from .errors import (
     SegmentPermissionError,
     SegmentTimeoutError,
 )
-from .ring import Message, Ring, RingClosedError, RingOverrunError, RingReader, RingWriter
+from .ring import (
+    Message,
+    Ring,
+    RingClosedError,
+    RingOverrunError,
+    RingReader,
+    RingWriter,
+    RingWriterGoneError,
+)
 from .segment import Segment
 from .wire import ClientInfo, Event, HelloResult, StatsResult
 from .wire import Segment as SegmentInfo
@@ -36,6 +44,7 @@ __all__ = [
     "RingOverrunError",
     "RingReader",
     "RingWriter",
+    "RingWriterGoneError",
     "Segment",
     "SegmentExistsError",
     "SegmentInfo",

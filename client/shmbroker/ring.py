@@ -77,6 +77,16 @@ writer anything through the ring itself, which decides the rest:
   window in practice); the protocol does not rely on the bound.  On an
   architecture without a known futex syscall number the sleep is a 1 ms
   poll.
+* **A writer that dies.**  A reader that has waited a second for a message
+  asks the daemon (``stat``) whether the ring's name still means its
+  segment, then again every second it keeps waiting: the name of an
+  ``owner`` ring (the default) goes with its writer's lease, so a name gone
+  while the closed bit is clear means the writer died, and the reader, once
+  it has read everything published, gets :class:`RingWriterGoneError` (a
+  :class:`RingClosedError`, so read loops end the same way).  A reader that
+  gets messages at least once a second never asks.  Rings of other
+  lifetimes keep their name after the writer: readers of those see only
+  the close, as before.
 * **Memory ordering.**  Python has no atomics.  Every control word is an
   8-byte aligned ``uint64`` read or written through a ``memoryview`` cast to
   ``"Q"``: CPython compiles that to one aligned 8-byte load or store, which
@@ -141,7 +151,15 @@ if TYPE_CHECKING:
 
     from ._sync import Broker
 
-__all__ = ["Message", "Ring", "RingClosedError", "RingOverrunError", "RingReader", "RingWriter"]
+__all__ = [
+    "Message",
+    "Ring",
+    "RingClosedError",
+    "RingOverrunError",
+    "RingReader",
+    "RingWriter",
+    "RingWriterGoneError",
+]
 
 MAGIC = int.from_bytes(b"shmring\x01", "little")
 VERSION = 1
@@ -270,6 +288,14 @@ class RingOverrunError(Exception):
 
 class RingClosedError(EOFError):
     """The writer closed the ring and every message it published was read."""
+
+
+class RingWriterGoneError(RingClosedError):
+    """The writer went without closing (it died), and every message it published was read.
+
+    Seen by a reader of an ``owner`` ring (the default) that finds nothing to
+    read: the daemon deleted the ring's name with its writer's lease.
+    """
 
 
 # -- the ring --------------------------------------------------------------------
@@ -701,6 +727,7 @@ class RingReader(Ring):
         self.spin = spin
         self.lost = 0
         self.seq = 0
+        self._broker = broker
         self._current: Message | None = None
         self._cursor: Segment | None = None
         self._cursor_words: memoryview | None = None
@@ -748,13 +775,15 @@ class RingReader(Ring):
         """Return once message ``s`` is complete in its slot.
 
         Raises ``RingOverrunError`` if the writer lapped it,
-        ``RingClosedError`` if the ring is closed before it, ``TimeoutError``.
+        ``RingClosedError`` if the ring is closed before it,
+        ``RingWriterGoneError`` if the writer went without closing,
+        ``TimeoutError``.
         """
         q = self._q
         i = _SLOT0 + (s % self.slots) * _SLOT_WORDS
         want = 2 * s + 2
         deadline: float | None = None
-        spin_end = 0.0
+        spin_end = check_at = 0.0
         while True:
             v = q[i]
             if v == want:
@@ -772,6 +801,11 @@ class RingReader(Ring):
             if not spin_end:
                 spin_end = now + self.spin
                 deadline = None if timeout is None else now + timeout
+                check_at = now + _READER_WAIT
+            elif now >= check_at:  # a second without a message: is the writer still there?
+                check_at = now + _READER_WAIT
+                if self._writer_gone():
+                    raise RingWriterGoneError(f"the writer of {self.name!r} went without closing")
             if deadline is not None and now >= deadline:
                 raise TimeoutError(f"no message on {self.name!r} within {timeout} s")
             if now < spin_end:
@@ -786,6 +820,24 @@ class RingReader(Ring):
                 if q[_STATE] == state:  # read after the flag: no lost wake
                     _futex_wait(self._state_addr, state, wait)
                 words[1] = 0
+
+    def _writer_gone(self) -> bool:
+        """Is the ring's name gone, or another segment's?  (Asked once a second of waiting.)
+
+        An ``owner`` ring's name goes with its writer's lease; a writer that
+        closes sets the closed bit first, so a name gone with the bit clear
+        means a writer that died.  Rings of other lifetimes keep their name:
+        for them this is never true.
+        """
+        from .errors import BrokerError
+
+        try:
+            info = self._broker.stat(self.name)
+        except FileNotFoundError:
+            return not self._q[_STATE] & 1  # closed meanwhile: the closed bit says so
+        except (BrokerError, ConnectionError, PermissionError):
+            return False  # cannot tell: keep waiting as before
+        return info.id != self.segment.id
 
     def _overrun(self, s: int) -> None:
         """Skip to the oldest message that may be intact; raise ``RingOverrunError``."""
@@ -816,7 +868,8 @@ class RingReader(Ring):
 
         Waits up to ``timeout`` seconds (``None``: forever, ``0``: do not
         wait).  Raises :class:`RingOverrunError` if messages were lost,
-        :class:`RingClosedError` once the writer closed and all is read,
+        :class:`RingClosedError` once the writer closed and all is read
+        (:class:`RingWriterGoneError`, a subclass, if it died without closing),
         ``TimeoutError``, and ``RuntimeError`` if the previous message is
         not released yet.
         """
