@@ -241,6 +241,10 @@ class CreatePlan:
     backing: str
 
 
+#: names a ``list`` request looks at, at most (see :meth:`Registry.list_page`)
+LIST_SCAN = 4096
+
+
 class Registry:
     def __init__(
         self,
@@ -576,18 +580,25 @@ class Registry:
     def list_page(
         self, peer: Peer, prefix: str | None, after: str | None, limit: int
     ) -> tuple[list[SegmentRecord], str | None]:
-        """One page of readable live segments in name order, and the next cursor."""
+        """One page of readable live segments in name order, and the next cursor.
+
+        A peer that may read few of many names would make a page scan them
+        all: the scan stops after ``LIST_SCAN`` names, and the page (short,
+        even empty) ends there with a cursor to go on from, so no request
+        holds the daemon for long.
+        """
         prefix = prefix or ""
         start = bisect.bisect_right(self._names, after) if after is not None else 0
         start = max(start, bisect.bisect_left(self._names, prefix))
         page: list[SegmentRecord] = []
-        for name in self._iter_names(start, prefix):
+        for scanned, name in enumerate(self._iter_names(start, prefix), 1):
             seg = self.segments[name]
-            if not self.may(peer, seg, "r"):
-                continue
-            if len(page) == limit:
-                return page, page[-1].name
-            page.append(seg)
+            if self.may(peer, seg, "r"):
+                if len(page) == limit:
+                    return page, page[-1].name
+                page.append(seg)
+            if scanned == LIST_SCAN:
+                return page, name if self._names[-1] != name else None
         return page, None
 
     def _iter_names(self, start: int, prefix: str) -> Iterator[str]:

@@ -844,6 +844,40 @@ def _names(page: list[SegmentRecord]) -> list[str]:
     return [s.name for s in page]
 
 
+def test_list_for_a_peer_that_may_read_little_scans_a_bounded_number_of_names() -> None:
+    from shmbrokerd import registry
+
+    reg = make_registry(max_segments=3 * registry.LIST_SCAN, max_total_bytes=1 << 40)
+    owner, other = make_peer(reg), make_peer(reg, uid=2000, gid=2000)
+    readable = {f"n/{i:06d}" for i in (5, 2 * registry.LIST_SCAN + 7)}
+    for i in range(2 * registry.LIST_SCAN + 10):
+        name = f"n/{i:06d}"
+        create(reg, owner, name, size=1, mode=0o644 if name in readable else 0o600)
+    checks = 0
+    may = reg.may
+
+    def counting(*args: Any) -> bool:
+        nonlocal checks
+        checks += 1
+        return may(*args)
+
+    reg.may = counting  # type: ignore[method-assign]
+    found: list[str] = []
+    after: str | None = None
+    pages = 0
+    while True:
+        checks = 0
+        page, after = reg.list_page(other, "n/", after, 100)
+        assert checks <= registry.LIST_SCAN  # one request never looks at them all
+        found += _names(page)
+        pages += 1
+        if after is None:
+            break
+    assert set(found) == readable  # and paging still finds every one, in order
+    assert found == sorted(found)
+    assert pages >= 3
+
+
 def test_list_pages_by_prefix_after_and_limit() -> None:
     reg = make_registry()
     a = make_peer(reg)
