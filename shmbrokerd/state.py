@@ -29,10 +29,9 @@ import contextlib
 import itertools
 import logging
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic_core import from_json, to_json
 
@@ -41,66 +40,84 @@ __all__ = ["Loaded", "StateFile"]
 log = logging.getLogger("shmbrokerd.state")
 
 Record = dict[str, Any]
+V = TypeVar("V")
 
 
-@dataclass
-class Loaded:
+class _Replay(Generic[V]):
+    """The journal's rules: which segments and leases a sequence of records leaves live.
+
+    One set of rules for both forms of the state: records as dicts (what a
+    restarting daemon reads, :class:`Loaded`) and as their encoded bytes
+    (what a snapshot would hold now, :class:`Live`).  ``patch`` changes one
+    field of a segment's record (``seal``, ``ttl``).
+    """
+
+    def __init__(self, patch: Callable[[V, str, Any], V]) -> None:
+        self.segments: dict[str, V] = {}
+        self.leases: dict[str, V] = {}
+        #: segment id -> tokens of its leases (so an unlink drops them in O(leases))
+        self.by_segment: dict[str, set[str]] = {}
+        self._segment_of: dict[str, str] = {}
+        self._patch = patch
+
+    def add(self, rec: Record, value: V) -> None:
+        kind = rec.get("k")
+        if kind == "lease":
+            token, sid = rec["t"], rec["s"]
+            if sid in self.segments and token not in self.leases:
+                self.leases[token] = value
+                self._segment_of[token] = sid
+                self.by_segment.setdefault(sid, set()).add(token)
+        elif kind == "unlease":
+            sid = self._segment_of.pop(rec["t"], None)
+            if sid is not None:
+                del self.leases[rec["t"]]
+                tokens = self.by_segment[sid]
+                tokens.discard(rec["t"])
+                if not tokens:
+                    del self.by_segment[sid]
+        elif kind == "seg":
+            self.segments[rec["id"]] = value
+        elif kind == "unseg":
+            self.segments.pop(rec["id"], None)
+            for token in self.by_segment.pop(rec["id"], ()):
+                del self.leases[token]
+                del self._segment_of[token]
+        elif kind in ("seal", "ttl") and rec["id"] in self.segments:
+            field, new = ("sealed", True) if kind == "seal" else ("at", rec["at"])
+            self.segments[rec["id"]] = self._patch(self.segments[rec["id"]], field, new)
+
+
+def _patch_dict(rec: Record, field: str, value: Any) -> Record:
+    rec[field] = value
+    return rec
+
+
+def _patch_bytes(data: bytes, field: str, value: Any) -> bytes:
+    rec = from_json(data)
+    rec[field] = value
+    return to_json(rec)
+
+
+class Loaded(_Replay[Record]):
     """The state replayed from disk: live segments and held leases, by id/token."""
 
-    segments: dict[str, Record] = field(default_factory=dict)
-    leases: dict[str, Record] = field(default_factory=dict)
-    #: segment id -> tokens of its leases (so an unlink drops them in O(leases))
-    by_segment: dict[str, set[str]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        super().__init__(_patch_dict)
 
     def leases_by_segment(self) -> dict[str, list[Record]]:
         """Leases of the live segments, grouped by segment id."""
         return {sid: [self.leases[t] for t in tokens] for sid, tokens in self.by_segment.items()}
 
 
-class Live:
+class Live(_Replay[bytes]):
     """What a snapshot would hold now, kept encoded: the journal replayed in bytes.
 
-    The same rules as :func:`_apply`, on the records' bytes: a segment's
-    ``seal`` and ``ttl`` (rare) re-encode its record; an ``unseg`` drops the
-    segment's leases.
+    A segment's ``seal`` and ``ttl`` (rare) re-encode its record.
     """
 
     def __init__(self) -> None:
-        self.segments: dict[str, bytes] = {}
-        self.leases: dict[str, bytes] = {}
-        self._by_segment: dict[str, set[str]] = {}
-        self._segment_of: dict[str, str] = {}
-
-    def add(self, rec: Record, data: bytes) -> None:
-        kind = rec["k"]
-        if kind == "lease":
-            token, sid = rec["t"], rec["s"]
-            if sid in self.segments and token not in self.leases:
-                self.leases[token] = data
-                self._segment_of[token] = sid
-                self._by_segment.setdefault(sid, set()).add(token)
-        elif kind == "unlease":
-            sid_of = self._segment_of.pop(rec["t"], None)
-            if sid_of is not None:
-                del self.leases[rec["t"]]
-                tokens = self._by_segment[sid_of]
-                tokens.discard(rec["t"])
-                if not tokens:
-                    del self._by_segment[sid_of]
-        elif kind == "seg":
-            self.segments[rec["id"]] = data
-        elif kind == "unseg":
-            self.segments.pop(rec["id"], None)
-            for token in self._by_segment.pop(rec["id"], ()):
-                del self.leases[token]
-                del self._segment_of[token]
-        elif kind in ("seal", "ttl") and rec["id"] in self.segments:
-            seg = from_json(self.segments[rec["id"]])
-            if kind == "seal":
-                seg["sealed"] = True
-            else:
-                seg["at"] = rec["at"]
-            self.segments[rec["id"]] = to_json(seg)
+        super().__init__(_patch_bytes)
 
     def snapshot(self) -> bytes:
         """The snapshot document: segments first (a lease needs its segment on load)."""
@@ -245,26 +262,6 @@ def _read_lines(path: Path) -> list[Record]:
 
 
 def _apply(state: Loaded, rec: Record) -> None:
-    kind = rec.get("k")
+    """Replay one record read from disk (a malformed one changes nothing)."""
     with contextlib.suppress(KeyError, TypeError):
-        if kind == "seg":
-            state.segments[rec["id"]] = rec
-        elif kind == "unseg":
-            state.segments.pop(rec["id"], None)
-            for token in state.by_segment.pop(rec["id"], ()):
-                del state.leases[token]
-        elif kind == "seal":
-            state.segments[rec["id"]]["sealed"] = True
-        elif kind == "ttl":
-            state.segments[rec["id"]]["at"] = rec["at"]
-        elif kind == "lease":
-            if rec["s"] in state.segments and rec["t"] not in state.leases:
-                state.leases[rec["t"]] = rec
-                state.by_segment.setdefault(rec["s"], set()).add(rec["t"])
-        elif kind == "unlease":
-            gone = state.leases.pop(rec["t"], None)
-            if gone is not None:
-                tokens = state.by_segment[gone["s"]]
-                tokens.discard(rec["t"])
-                if not tokens:
-                    del state.by_segment[gone["s"]]
+        state.add(rec, rec)
