@@ -200,7 +200,11 @@ def main(argv: list[str]) -> None:
 
 
 def _serve(kind: str, warmup: int, args: list[str]) -> None:
-    op, close = _make_op(kind, args)
+    serve(*_make_op(kind, args), warmup)
+
+
+def serve(op: Op, close: Op, warmup: int) -> None:
+    """Warm up, say READY, obey ``lat``/``ops``/``quit`` from stdin; ``close`` at the end."""
     try:
         for _ in range(warmup):
             op()

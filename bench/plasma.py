@@ -54,7 +54,7 @@ from . import REPO
 from ._env import Env, interleaved_latency, log
 from ._proc import stop, wait_connectable
 from ._stats import Row, latency_rows
-from ._worker import SEGMENT_SIZE, RawClient, Worker, _latency, start_all
+from ._worker import SEGMENT_SIZE, RawClient, Worker, serve, start_all
 
 __all__ = ["VENV", "run"]
 
@@ -311,21 +311,7 @@ def _serve(kind: str, warmup: int, args: list[str]) -> None:
         "lib-reopen-pipe": lambda path, name: _lib_reopen(path, name, pipeline=True),
         "raw-reopen": _raw_reopen,
     }
-    op, close = makers[kind](*args)
-    try:
-        for _ in range(warmup):
-            op()
-        print("READY", flush=True)
-        for line in sys.stdin:
-            cmd, *rest = line.split()
-            if cmd == "lat":
-                print(" ".join(map(str, _latency(op, int(rest[0])))), flush=True)
-            elif cmd == "quit":
-                break
-            else:
-                raise ValueError(f"unknown command {line!r}")
-    finally:
-        close()
+    serve(*makers[kind](*args), warmup)
 
 
 def main(argv: list[str]) -> None:
