@@ -70,6 +70,7 @@ class Config(_Strict):
     events: str = ""
     events_hwm: int = Field(default=1000, ge=1)
     state_dir: str = ""
+    state_compact_after: int = Field(default=200_000, ge=1, le=100_000_000)
     shm_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")] = "shmbroker."
     admin_group: str | int = ""
     max_segment_size: int = Field(default=4 * GiB, ge=1)

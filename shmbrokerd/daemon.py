@@ -132,7 +132,7 @@ class Daemon:
         cfg = self.config
         Path(self.socket_path).parent.mkdir(parents=True, exist_ok=True)
         self.store = Store(cfg.shm_prefix)
-        self.state = StateFile(self.state_dir)
+        self.state = StateFile(self.state_dir, cfg.state_compact_after)
         self.registry = Registry(
             self._limits(cfg),
             new_token=TokenSource().next,
@@ -223,8 +223,11 @@ class Daemon:
                 self.config.reclaim_window,
             )
         self.state.open()
+        # what the state file keeps for later snapshots starts from what was
+        # restored, compacted now or not (restore journals nothing)
+        self.state.keep(self.registry.records())
         if snapshot or self.state.dirty or kept != len(loaded.segments):
-            self.state.compact(self.registry.records())
+            self.state.compact()
         del loaded, leases
         _give_back_memory()
 
@@ -370,7 +373,15 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, keeping the old config: %s", exc)
             raise
-        fixed = ("socket", "socket_mode", "socket_group", "events", "state_dir", "shm_prefix")
+        fixed = (
+            "socket",
+            "socket_mode",
+            "socket_group",
+            "events",
+            "state_dir",
+            "state_compact_after",
+            "shm_prefix",
+        )
         changed = [k for k in fixed if getattr(cfg, k) != getattr(self.config, k)]
         if changed:
             log.warning("reload: %s take effect only on restart", ", ".join(changed))

@@ -191,6 +191,17 @@ class StateFile:
     def wants_compaction(self) -> bool:
         return self._journaled >= self.compact_after
 
+    def keep(self, records: Iterable[Record]) -> None:
+        """Start what a snapshot would hold over from ``records`` (the registry's).
+
+        At start, after the registry restored what the state described (a
+        restore journals nothing), so that the next snapshot written while
+        serving holds the restored segments and leases.
+        """
+        self.live = Live()
+        for rec in records:
+            self.live.add(rec, to_json(rec))
+
     def compact(self, records: Iterable[Record] | None = None) -> None:
         """Write a snapshot atomically and start a new journal.
 
@@ -200,9 +211,7 @@ class StateFile:
         """
         self.flush()
         if records is not None:
-            self.live = Live()
-            for rec in records:
-                self.live.add(rec, to_json(rec))
+            self.keep(records)
         tmp = self.snapshot.with_suffix(".tmp")
         data = self.live.snapshot()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

@@ -770,8 +770,8 @@ class RegistryMachine(RuleBasedStateMachine):
         self.snapshot = lines
         self.journal = []
         self.on_disk = replay(lines)
-        self.live = state.Live()
-        for rec in lines:
+        self.live = state.Live()  # as the daemon does: from the registry once restored
+        for rec in new.records():
             self.live.add(rec, json.dumps(rec).encode())
         self.timers.clear()
         self.current_timer.clear()
