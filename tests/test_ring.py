@@ -16,6 +16,7 @@ import subprocess
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,7 @@ from shmbroker import (
     RingWriterGoneError,
 )
 
-from .helpers import DaemonProc, spawn_client, wait_line
+from .helpers import DaemonProc, eventually, spawn_client, wait_line
 
 NOBODY = 65534
 
@@ -454,12 +455,19 @@ def test_a_reader_learns_that_the_writer_died(
         assert [r.read(timeout=5) for _ in range(3)] == [b"m0", b"m1", b"m2"]
         with pytest.raises(TimeoutError):
             r.read(timeout=1.5)  # a live writer that is quiet is not gone
+        d = daemon
+        d.stop()  # a daemon restart (the owner ring's name goes) is not the writer's end
+        d.start()
+        with pytest.raises(TimeoutError):
+            r.read(timeout=2.5)
         writer.send_signal(signal.SIGKILL)
-        writer.wait()
+        stat = Path(f"/proc/{writer.pid}/stat")
+        eventually(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
         start = time.monotonic()
-        with pytest.raises(RingWriterGoneError):
+        with pytest.raises(RingWriterGoneError):  # a zombie has ended too
             r.read(timeout=30)
         assert time.monotonic() - start < 10  # found within a few one-second checks
+        writer.wait()
         with pytest.raises(RingClosedError):  # and it is a RingClosedError: loops end
             r.read(timeout=30)
 

@@ -77,16 +77,16 @@ writer anything through the ring itself, which decides the rest:
   window in practice); the protocol does not rely on the bound.  On an
   architecture without a known futex syscall number the sleep is a 1 ms
   poll.
-* **A writer that dies.**  A reader that has waited a second for a message
-  asks the daemon (``stat``) whether the ring's name still means its
-  segment, then again every second it keeps waiting: the name of an
-  ``owner`` ring (the default) goes with its writer's lease, so a name gone
-  while the closed bit is clear means the writer died, and the reader, once
-  it has read everything published, gets :class:`RingWriterGoneError` (a
-  :class:`RingClosedError`, so read loops end the same way).  A reader that
-  gets messages at least once a second never asks.  Rings of other
-  lifetimes keep their name after the writer: readers of those see only
-  the close, as before.
+* **A writer that dies.**  The header names the writer's process: its pid,
+  start time and pid namespace.  A reader that has waited a second for a
+  message looks at ``/proc/<pid>/stat`` (then again every second it keeps
+  waiting, no system call to the daemon); if that process has ended (or
+  the pid is another process's now), and nothing was published meanwhile,
+  the reader, having read everything published, gets
+  :class:`RingWriterGoneError` (a :class:`RingClosedError`, so read loops
+  end the same way).  A daemon restart changes nothing to it.  A reader
+  that gets messages at least once a second never looks; one in another
+  pid namespace than the writer's cannot tell and sees only the close.
 * **Memory ordering.**  Python has no atomics.  Every control word is an
   8-byte aligned ``uint64`` read or written through a ``memoryview`` cast to
   ``"Q"``: CPython compiles that to one aligned 8-byte load or store, which
@@ -172,12 +172,32 @@ DETACHED = 2**64 - 1
 # word indexes (uint64) in the header
 _MAGIC, _VERSION, _FLAGS, _SLOTS, _SLOT_SIZE, _STRIDE, _DATA_OFFSET, _NONCE = range(8)
 _STATE = LINE // 8  # published << 1 | closed
+# the writer, for readers to tell whether it still runs: pid, its start time
+# (clock ticks after boot, so a reused pid is told apart), its pid namespace
+# (a pid means nothing in another one); 0: unknown
+_WRITER_PID, _WRITER_START, _WRITER_PIDNS = _STATE + 1, _STATE + 2, _STATE + 3
 _WAITING = 2 * LINE // 8  # the cursor value a sleeping writer waits for (0: none)
 _SLOT0 = 3 * LINE // 8  # slot i: seq at _SLOT0 + 8 i, length right after
 _SLOT_WORDS = LINE // 8
 
 _READER_WAIT = 1.0  # longest single futex sleep of a reader (a safety net)
 _MAX_NAME = wire.MAX_NAME - len("/readers/") - 16 - 1 - 16
+
+
+def _process_identity(pid: int) -> tuple[int, int] | None:
+    """``(start time, pid namespace)`` of a running process, None if it has ended.
+
+    A zombie (killed, not yet reaped) has ended.  The namespace is that of
+    this process's ``/proc``, which is the caller's own.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return int(fields[19]), os.stat("/proc/self/ns/pid").st_ino
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _round_up(n: int, to: int) -> int:
@@ -293,8 +313,8 @@ class RingClosedError(EOFError):
 class RingWriterGoneError(RingClosedError):
     """The writer went without closing (it died), and every message it published was read.
 
-    Seen by a reader of an ``owner`` ring (the default) that finds nothing to
-    read: the daemon deleted the ring's name with its writer's lease.
+    Seen by a reader that finds nothing to read, in the writer's pid
+    namespace (the ring's header names the writer's process).
     """
 
 
@@ -400,6 +420,12 @@ class Ring:
             q[_STRIDE] = stride
             q[_DATA_OFFSET] = data_offset
             q[_NONCE] = secrets.randbits(64)
+            me = _process_identity(os.getpid())
+            if me is not None:
+                state = seg.buf[LINE : 2 * LINE].cast("Q")
+                state[_WRITER_PID - _STATE] = os.getpid()
+                state[_WRITER_START - _STATE], state[_WRITER_PIDNS - _STATE] = me
+                state.release()
             q[_MAGIC] = MAGIC  # last: a reader that sees it sees the rest
             q.release()
             return RingWriter(broker, seg, refresh=refresh, spin=spin)
@@ -472,8 +498,8 @@ class RingWriter(Ring):
 
     def __init__(self, broker: Broker, segment: Segment, *, refresh: float, spin: float) -> None:
         super().__init__(segment)
-        self._bind()
         self._broker = broker
+        self._bind()
         self.refresh = refresh
         self.spin = spin
         self.seq = 0
@@ -727,7 +753,6 @@ class RingReader(Ring):
         self.spin = spin
         self.lost = 0
         self.seq = 0
-        self._broker = broker
         self._current: Message | None = None
         self._cursor: Segment | None = None
         self._cursor_words: memoryview | None = None
@@ -804,7 +829,7 @@ class RingReader(Ring):
                 check_at = now + _READER_WAIT
             elif now >= check_at:  # a second without a message: is the writer still there?
                 check_at = now + _READER_WAIT
-                if self._writer_gone():
+                if self._writer_gone() and self._q[_STATE] == state:  # nothing came meanwhile
                     raise RingWriterGoneError(f"the writer of {self.name!r} went without closing")
             if deadline is not None and now >= deadline:
                 raise TimeoutError(f"no message on {self.name!r} within {timeout} s")
@@ -822,22 +847,20 @@ class RingReader(Ring):
                 words[1] = 0
 
     def _writer_gone(self) -> bool:
-        """Is the ring's name gone, or another segment's?  (Asked once a second of waiting.)
+        """Has the writer's process ended?  (Asked once a second of waiting.)
 
-        An ``owner`` ring's name goes with its writer's lease; a writer that
-        closes sets the closed bit first, so a name gone with the bit clear
-        means a writer that died.  Rings of other lifetimes keep their name:
-        for them this is never true.
+        From the ring's header: its pid, start time and pid namespace.  A
+        writer in another pid namespace, or of an older ring without them,
+        cannot be checked: never reported gone.
         """
-        from .errors import BrokerError
-
-        try:
-            info = self._broker.stat(self.name)
-        except FileNotFoundError:
-            return not self._q[_STATE] & 1  # closed meanwhile: the closed bit says so
-        except (BrokerError, ConnectionError, PermissionError):
-            return False  # cannot tell: keep waiting as before
-        return info.id != self.segment.id
+        pid = int(self._q[_WRITER_PID])
+        if not pid:
+            return False
+        mine = _process_identity(os.getpid())
+        if mine is None or mine[1] != self._q[_WRITER_PIDNS]:
+            return False
+        now = _process_identity(pid)
+        return now is None or now[0] != self._q[_WRITER_START]
 
     def _overrun(self, s: int) -> None:
         """Skip to the oldest message that may be intact; raise ``RingOverrunError``."""
