@@ -80,6 +80,8 @@ class ChaosConfig:
     reclaim_window: float = 2.0
     seed: int = 0
     reconnect_timeout: float = 60.0
+    #: the daemon's ``state_compact_after``: low, snapshots are written under load
+    state_compact_after: int = 5000
 
 
 def p_name(slot: int, k: int) -> str:
@@ -899,6 +901,7 @@ def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     d = DaemonProc(
         {
             "reclaim_window": cfg.reclaim_window,
+            "state_compact_after": cfg.state_compact_after,
             "log_level": "info",
             "max_clients": 4096,
             "max_clients_per_uid": 4096,
@@ -1032,7 +1035,9 @@ checkout clean.
   segments, shm and memfd backing) and writing its own persistent segments;
   random clients SIGKILLed (about {cfg["client_kills_per_s"]:g}/s) and respawned; the
   daemon SIGKILLed under load at {kills} and restarted on the same state
-  directory, socket and shm prefix (reclaim window {cfg["reclaim_window"]:g} s); seed {cfg["seed"]}.
+  directory, socket and shm prefix (reclaim window {cfg["reclaim_window"]:g} s; a state
+  snapshot every {cfg["state_compact_after"]} journal records, so snapshots are written
+  under load between the kills); seed {cfg["seed"]}.
 
 | figure | value |
 | --- | --- |
