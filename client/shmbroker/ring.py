@@ -79,10 +79,11 @@ writer anything through the ring itself, which decides the rest:
   poll.
 * **A writer that dies.**  The header names the writer's process: its pid,
   start time and pid namespace.  A reader that has waited a second for a
-  message looks at ``/proc/<pid>/stat`` (then again every second it keeps
-  waiting, no system call to the daemon); if that process has ended (or
-  the pid is another process's now), and nothing was published meanwhile,
-  the reader, having read everything published, gets
+  message (in one call or over several short ones) asks the kernel
+  (``kill(pid, 0)``, then ``/proc/<pid>/stat`` when visible; again every
+  second it keeps waiting; nothing goes to the daemon); if that process has
+  ended (or the pid is another process's now), and nothing was published
+  meanwhile, the reader, having read everything published, gets
   :class:`RingWriterGoneError` (a :class:`RingClosedError`, so read loops
   end the same way).  A daemon restart changes nothing to it.  A reader
   that gets messages at least once a second never looks; one in another
@@ -125,9 +126,12 @@ start.
 
 Writers and readers are not thread-safe; use one per thread.  They need the
 blocking :class:`~shmbroker.Broker` (an asyncio program can run a ring in a
-thread).  A reader does not notice a writer that died without closing (it
-waits, up to its timeout); watch the ring's ``deleted`` event or ``stat`` it
-if that matters.
+thread).  A reader notices a writer whose process ended without closing (see
+"A writer that dies" above), not one that is still running but dropped the
+ring without closing it, nor one it cannot see (another pid namespace); for
+those it waits, up to its timeout.  The writer is the process that created
+the ring: a writer handed to a forked child is reported gone once its
+creator exits.
 """
 
 from __future__ import annotations
@@ -184,20 +188,47 @@ _READER_WAIT = 1.0  # longest single futex sleep of a reader (a safety net)
 _MAX_NAME = wire.MAX_NAME - len("/readers/") - 16 - 1 - 16
 
 
-def _process_identity(pid: int) -> tuple[int, int] | None:
-    """``(start time, pid namespace)`` of a running process, None if it has ended.
+def _own_identity() -> tuple[int, int] | None:
+    """``(start time, pid namespace)`` of this process, None if ``/proc`` cannot say.
 
-    A zombie (killed, not yet reaped) has ended.  The namespace is that of
-    this process's ``/proc``, which is the caller's own.
+    ``/proc`` may be another pid namespace's (``unshare -p`` without a new
+    ``/proc``): then its ``self`` is not this process, and nothing is said.
     """
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        if fields[0] in (b"Z", b"X"):
+        fields = _stat_fields("self")
+        if int(fields[0]) != os.getpid():
             return None
-        return int(fields[19]), os.stat("/proc/self/ns/pid").st_ino
+        return int(fields[21]), os.stat("/proc/self/ns/pid").st_ino
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _has_ended(pid: int, start: int) -> bool:
+    """Has process ``pid``, started at ``start``, ended?  False when it cannot be told.
+
+    ``kill(pid, 0)`` says whether the pid exists at all (``/proc`` may hide
+    other users' processes); ``/proc/<pid>/stat``, when readable, tells a
+    zombie and a reused pid apart.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # it exists, someone else's
+    try:
+        fields = _stat_fields(str(pid))
+        return fields[2] in (b"Z", b"X") or int(fields[21]) != start
+    except (OSError, IndexError, ValueError):
+        return False  # hidden: it exists, that is all one can tell
+
+
+def _stat_fields(pid: str) -> list[bytes]:
+    """``/proc/<pid>/stat`` split into fields, the command name kept whole."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    head, _, rest = data.rpartition(b")")
+    return [head.split(b" (", 1)[0], b"", *rest.split()]
 
 
 def _round_up(n: int, to: int) -> int:
@@ -420,8 +451,8 @@ class Ring:
             q[_STRIDE] = stride
             q[_DATA_OFFSET] = data_offset
             q[_NONCE] = secrets.randbits(64)
-            me = _process_identity(os.getpid())
-            if me is not None:
+            me = _own_identity()
+            if me is not None:  # else 0: readers will not tell whether it runs
                 state = seg.buf[LINE : 2 * LINE].cast("Q")
                 state[_WRITER_PID - _STATE] = os.getpid()
                 state[_WRITER_START - _STATE], state[_WRITER_PIDNS - _STATE] = me
@@ -753,6 +784,9 @@ class RingReader(Ring):
         self.spin = spin
         self.lost = 0
         self.seq = 0
+        # since when no message came, for the writer check (across calls)
+        self._quiet_seq = -1
+        self._quiet_since = 0.0
         self._current: Message | None = None
         self._cursor: Segment | None = None
         self._cursor_words: memoryview | None = None
@@ -808,7 +842,7 @@ class RingReader(Ring):
         i = _SLOT0 + (s % self.slots) * _SLOT_WORDS
         want = 2 * s + 2
         deadline: float | None = None
-        spin_end = check_at = 0.0
+        spin_end = 0.0
         while True:
             v = q[i]
             if v == want:
@@ -826,9 +860,10 @@ class RingReader(Ring):
             if not spin_end:
                 spin_end = now + self.spin
                 deadline = None if timeout is None else now + timeout
-                check_at = now + _READER_WAIT
-            elif now >= check_at:  # a second without a message: is the writer still there?
-                check_at = now + _READER_WAIT
+                if s != self._quiet_seq:  # a message came since the last wait
+                    self._quiet_seq, self._quiet_since = s, now
+            elif now - self._quiet_since >= _READER_WAIT:  # a second without a message
+                self._quiet_since = now  # (short reads in a loop add up to it too)
                 if self._writer_gone() and self._q[_STATE] == state:  # nothing came meanwhile
                     raise RingWriterGoneError(f"the writer of {self.name!r} went without closing")
             if deadline is not None and now >= deadline:
@@ -856,11 +891,10 @@ class RingReader(Ring):
         pid = int(self._q[_WRITER_PID])
         if not pid:
             return False
-        mine = _process_identity(os.getpid())
+        mine = _own_identity()
         if mine is None or mine[1] != self._q[_WRITER_PIDNS]:
             return False
-        now = _process_identity(pid)
-        return now is None or now[0] != self._q[_WRITER_START]
+        return _has_ended(pid, int(self._q[_WRITER_START]))
 
     def _overrun(self, s: int) -> None:
         """Skip to the oldest message that may be intact; raise ``RingOverrunError``."""
