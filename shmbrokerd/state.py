@@ -147,6 +147,10 @@ class StateFile:
         for rec in journal:
             _apply(state, rec)
         self._journaled = len(journal)
+        if not journal and _size(self.journal):
+            # only a torn fragment: dirty, so that it is compacted away now,
+            # not glued to the next record appended
+            self._journaled = 1
         return state
 
     # -- writing -----------------------------------------------------------------
@@ -249,6 +253,13 @@ def _read_snapshot(path: Path) -> list[Record]:
         return []
     records = doc.get("records") if isinstance(doc, dict) else None
     return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _read_lines(path: Path) -> list[Record]:

@@ -111,3 +111,25 @@ def test_snapshots_written_while_serving_keep_what_a_restart_restored() -> None:
             b.delete("snap/keep")
     finally:
         d.cleanup()
+
+
+def test_a_journal_holding_only_a_torn_record_does_not_swallow_the_next() -> None:
+    d = DaemonProc({"reclaim_window": 0.5})
+    d.start()
+    try:
+        with Broker(d.socket) as b:
+            b.create("torn/a", 4096, lifetime="persistent").close()
+        d.stop()  # a clean stop: snapshot written, journal empty
+        journal = d.root / "state" / "journal.jsonl"
+        journal.write_bytes(b'{"k":"lease","t":"to')  # a write cut short by a crash
+        d.start()
+        with Broker(d.socket) as b:
+            b.create("torn/b", 4096, lifetime="persistent").close()
+        d.kill()
+        d.start()
+        with Broker(d.socket) as b:
+            assert [s.name for s in b.list("torn/")] == ["torn/a", "torn/b"]
+            b.delete("torn/a")
+            b.delete("torn/b")
+    finally:
+        d.cleanup()
