@@ -35,10 +35,8 @@ class AsyncBroker:
     and reclaims the leases of open segments.
 
     ``Segment.close()`` is synchronous, so here it always sends the release
-    without waiting for it (as ``Broker(pipeline_release=True)`` does); to
-    know the lease is released, ``await broker.release(seg.lease)`` instead
-    of closing, or make any later call on this broker, which the daemon
-    serves after the release.
+    without waiting for it (as ``Broker(pipeline_release=True)`` does); any
+    later call awaited on this broker is served after the release.
     """
 
     def __init__(self, path: str, reconnect_timeout: float = 10.0) -> None:
