@@ -206,3 +206,20 @@ def test_calls_in_flight_when_the_daemon_is_killed_raise_connection_error(
             seg.close()
 
     asyncio.run(main())
+
+
+def test_a_call_after_close_sees_the_release(daemon: DaemonProc) -> None:
+    """close() sends the release at once: the next call is served after it."""
+
+    async def main() -> None:
+        async with AsyncBroker.connect(daemon.socket) as b:
+            keep = await b.create("ac/keep", 4096, lifetime="persistent")
+            for _ in range(50):
+                seg = await b.open("ac/keep")
+                seg.close()
+                assert (await b.stat("ac/keep")).leases == 1  # no sleep, no retry
+            keep.close()
+            assert (await b.stat("ac/keep")).leases == 0
+            await b.delete("ac/keep")
+
+    asyncio.run(main())

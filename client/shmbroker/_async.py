@@ -35,8 +35,8 @@ class AsyncBroker:
     and reclaims the leases of open segments.
 
     ``Segment.close()`` is synchronous, so here it always sends the release
-    without waiting for it (as ``Broker(pipeline_release=True)`` does); any
-    later call awaited on this broker is served after the release.
+    without waiting for it (as ``Broker(pipeline_release=True)`` does); a
+    call made on this broker after it is served after the release.
     """
 
     def __init__(self, path: str, reconnect_timeout: float = 10.0) -> None:
@@ -176,16 +176,31 @@ class AsyncBroker:
         return seg
 
     def _release_later(self, lease: str) -> None:
-        """Segment.close() is synchronous: send the release and do not wait."""
+        """Segment.close() is synchronous: send the release now, do not wait for it.
+
+        Sent at once (unless the socket is full), so a call made after
+        ``close()`` reaches the daemon after it: the daemon serves a
+        connection's requests in order.  The reader drops the reply.  A
+        connection lost is no error: the lease ends with the reclaim window.
+        """
         self._leases.discard(lease)
-        if not self._closed and self._lost is None and self._loop is not None:
-            task = self._loop.create_task(self._quiet_release(lease))
+        if self._closed or self._lost is not None or self._loop is None:
+            return
+        rid, data = self._proto.request("release", {"lease": lease})
+        self._proto.forget(rid)
+        try:
+            self._sock.send(data)
+        except BlockingIOError:  # full: send it as soon as the socket takes it
+            task = self._loop.create_task(self._send_quietly(data))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        except OSError:
+            pass  # lost: the reader sees it too
 
-    async def _quiet_release(self, lease: str) -> None:
-        with contextlib.suppress(OSError):  # a lease lost with the connection is no error
-            await self.release(lease)
+    async def _send_quietly(self, data: bytes) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(OSError):
+            await self._loop.sock_sendall(self._sock, data)
 
     # -- API -------------------------------------------------------------------
 
