@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._daemon import BrokerDaemon
-from ._worker import SEGMENT_SIZE, Worker
+from ._worker import SEGMENT_SIZE, Worker, start_all
 from .floor import FloorServer
 
 if TYPE_CHECKING:
@@ -84,6 +84,14 @@ class Env:
         w = Worker(kind, *args, warmup=self.settings.warmup if warmup is None else warmup)
         self.workers.append(w)
         return w
+
+    def latencies(self, workers: Mapping[str, Worker]) -> dict[str, list[int]]:
+        """Start ``workers``, sample them in interleaved rounds, stop them."""
+        start_all(list(workers.values()))
+        try:
+            return interleaved_latency(workers, self.settings)
+        finally:
+            self.stop_workers(workers)
 
     def stop_workers(self, workers: list[Worker] | Mapping[str, Worker]) -> None:
         for w in workers.values() if isinstance(workers, Mapping) else workers:

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import os
 
-from ._env import Env, interleaved_latency
+from ._env import Env
 from ._stats import Row, latency_rows
-from ._worker import start_all
 
 
 def run(env: Env) -> list[Row]:
@@ -27,11 +26,7 @@ def run(env: Env) -> list[Row]:
         "floor": env.worker("raw-create", env.floor.path, "bench/create/floor"),
         "smm": env.worker("smm-create"),
     }
-    start_all(list(workers.values()))
-    try:
-        s = interleaved_latency(workers, env.settings)
-    finally:
-        env.stop_workers(workers)
+    s = env.latencies(workers)
     return [
         *latency_rows("2 create+delete 4 KiB, client library", s["lib"], s["floor"]),
         *latency_rows("2 create+delete 4 KiB, minimal client", s["raw"], s["floor"]),

@@ -11,9 +11,8 @@ to a floor whose client pipelines it too.
 
 from __future__ import annotations
 
-from ._env import Env, interleaved_latency
+from ._env import Env
 from ._stats import Row, latency_rows
-from ._worker import start_all
 
 
 def run(env: Env) -> list[Row]:
@@ -26,11 +25,7 @@ def run(env: Env) -> list[Row]:
         "lib-pipe": env.worker("lib-open-pipe", sock, name),
         "floor-pipe": env.worker("raw-open-pipe", env.floor.path, name),
     }
-    start_all(list(workers.values()))
-    try:
-        s = interleaved_latency(workers, env.settings)
-    finally:
-        env.stop_workers(workers)
+    s = env.latencies(workers)
     return [
         *latency_rows("1 open round trip, client library", s["lib"], s["floor"]),
         *latency_rows("1 open round trip, minimal client", s["raw"], s["floor"]),

@@ -74,8 +74,11 @@ class EventPublisher:
         #: past _MAX_TRACKED prefixes: every event is wanted
         self.everything = False
 
-    def _update_topics(self) -> None:
-        """Read what subscribers sent since the last look, a bounded batch of it."""
+    def readable(self) -> None:
+        """Read what subscribers sent since the last look, a bounded batch of it.
+
+        Call when :meth:`fileno` is readable, and after sending.
+        """
         sock = self._sock
         try:
             for _ in range(_READ_BATCH):
@@ -94,14 +97,11 @@ class EventPublisher:
 
     def _read_deferred(self) -> None:
         self._deferred = False
-        self._update_topics()
+        self.readable()
 
     def fileno(self) -> int:
         """Readable when zmq has something for us (a subscription): call :meth:`readable`."""
         return int(self._sock.getsockopt(zmq.FD))
-
-    def readable(self) -> None:
-        self._update_topics()
 
     def wanted(self, name: str) -> bool:
         """Could a subscriber receive an event about ``name``?"""
@@ -122,8 +122,7 @@ class EventPublisher:
             os.chmod(self._ipc_path, mode)
 
     def publish(self, ev: Publish, ts: float) -> None:
-        if not self.wanted(ev.name):
-            return
+        """Send one event (the registry built it only if :meth:`wanted` said so)."""
         body = {
             "event": ev.event,
             "name": ev.name,
@@ -143,7 +142,7 @@ class EventPublisher:
         # A send may have taken zmq's pending commands (a new subscription)
         # without the fd telling us: look now.  With no subscriber nothing is
         # sent, so the fd alone is enough and publishing costs no system call.
-        self._update_topics()
+        self.readable()
 
     def close(self) -> None:
         self._sock.close(linger=0)

@@ -233,6 +233,13 @@ class RegistryMachine(RuleBasedStateMachine):
         self.all_tokens.append(grant.lease)
         self.current_timer.pop(grant.segment.id, None)  # a new lease cancels a countdown
 
+    @staticmethod
+    def _writer_errors(peer: Peer, seg: SegmentRecord | None) -> set[int]:
+        """What a request that needs ``w`` on ``seg`` (seal, delete) may be refused with."""
+        if seg is None:
+            return {errno.ENOENT}
+        return set() if may(peer, seg, "w") else {errno.EACCES}
+
     def _refused(self, exc: BrokerError, expected: set[int], what: str) -> None:
         assert expected, f"{what} refused ({exc}), the contract says it succeeds"
         assert exc.errno in expected, (what, errno.errorcode[exc.errno or 0], expected)
@@ -581,10 +588,7 @@ class RegistryMachine(RuleBasedStateMachine):
     def seal(self, pick: int, name: str) -> None:
         peer = self._peer(pick)
         seg = self.reg.segments.get(name)
-        if seg is None:
-            expected = {errno.ENOENT}
-        else:
-            expected = set() if may(peer, seg, "w") else {errno.EACCES}
+        expected = self._writer_errors(peer, seg)
         try:
             sealed = self.reg.seal(peer, name)
         except BrokerError as exc:
@@ -609,10 +613,7 @@ class RegistryMachine(RuleBasedStateMachine):
             )
             name = held[pick % 2 and pick % len(held)][1] if held else name
         seg = self.reg.segments.get(name)
-        if seg is None:
-            expected = {errno.ENOENT}
-        else:
-            expected = set() if may(peer, seg, "w") else {errno.EACCES}
+        expected = self._writer_errors(peer, seg)
         try:
             self.reg.delete(peer, name)
         except BrokerError as exc:

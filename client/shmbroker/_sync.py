@@ -117,11 +117,7 @@ class Broker:
             except ConnectionError:
                 raise _NotSent(errno.ECONNRESET, "connection lost before sending") from None
             while True:
-                msg, anc, _flags, _ = sock.recvmsg(_api.RECV_SIZE, _api.ANC_SIZE)
-                fds = _api.split_fds(anc)
-                if not msg:
-                    raise _api.connection_lost(self.path)
-                reply = self._proto.receive(msg, fds)
+                reply = self._receive(sock)
                 if reply is None:  # most likely a pipelined release's
                     self._unread = max(self._unread - 1, 0)
                 elif reply.id == rid:  # answers come in order: none is left unread
@@ -199,15 +195,19 @@ class Broker:
                 return
             self._unread += 1
 
-    def _read_dropped(self, sock: _socket.socket) -> None:
-        """Read one reply nobody waits for (a pipelined release's)."""
+    def _receive(self, sock: _socket.socket) -> Reply | None:
+        """Read one reply (None: one nobody waits for); raise if the daemon is gone."""
         msg, anc, _flags, _ = sock.recvmsg(_api.RECV_SIZE, _api.ANC_SIZE)
         fds = _api.split_fds(anc)
         if not msg:
             raise _api.connection_lost(self.path)
-        self._unread -= 1
+        return self._proto.receive(msg, fds)
+
+    def _read_dropped(self, sock: _socket.socket) -> None:
+        """Read one reply nobody waits for (a pipelined release's)."""
         with contextlib.suppress(BrokerError):  # an error answering nobody: nothing to do
-            self._proto.receive(msg, fds)
+            self._receive(sock)
+        self._unread -= 1
 
     def __enter__(self) -> Broker:
         return self
