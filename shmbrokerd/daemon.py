@@ -150,7 +150,7 @@ class Daemon:
             reload=self.reload,
             is_operator=self.is_operator,
             before_reply=self._before_reply,
-            after_replies=self.state.flush,
+            after_replies=self.state.after_replies,
             memfd_created=self._memfd_created,
             memfd_unlinked=self.supervisor.drop_fd,
         )
@@ -403,22 +403,24 @@ class TokenSource:
 
     The bits come from ``os.urandom`` a few KiB at a time instead of one
     ``getrandom`` call per token: the same source, a system call less per
-    ``open``.
+    ``open``.  They are encoded a pool at a time too: 24 bytes are 32
+    base64 characters with no padding, so the encoding of the pool is the
+    tokens of its 24-byte pieces, end to end.
     """
 
     _CHUNK = 24 * 170
 
     def __init__(self) -> None:
-        self._pool = b""
+        self._pool = ""
         self._at = 0
 
     def next(self) -> str:
         at = self._at
-        if at + 24 > len(self._pool):
-            self._pool = os.urandom(self._CHUNK)
+        if at == len(self._pool):
+            self._pool = base64.urlsafe_b64encode(os.urandom(self._CHUNK)).decode("ascii")
             at = 0
-        self._at = at + 24
-        return base64.urlsafe_b64encode(self._pool[at : at + 24]).decode("ascii")
+        self._at = at + 32
+        return self._pool[at : at + 32]
 
 
 def _segment_from(rec: dict[str, Any]) -> SegmentRecord | None:

@@ -107,6 +107,9 @@ class SegmentRecord:
     ttl_armed: bool = False
     #: wall-clock end of the running ttl countdown (persisted for restarts)
     ttl_deadline: float | None = None
+    #: the edge's cache of its encoded description (``protocol.encode_grant``);
+    #: of the fields ``describe`` reports but ``leases``, only ``sealed`` changes
+    head: bytes | None = field(default=None, repr=False)
 
     def describe(self) -> dict[str, object]:
         """The contract's Segment object."""
@@ -490,9 +493,31 @@ class Registry:
         return token
 
     def release(self, peer: Peer, token: str, now: float) -> None:
+        self.release_removes(peer, token)
+        self._end_lease(token, peer, now)
+
+    def release_removes(self, peer: Peer, token: str) -> bool:
+        """Would releasing ``token`` take its segment out of the namespace?
+
+        The edge answers a release that would not before carrying it out (in
+        the same turn, so no other request sees the difference): the reply
+        no longer waits for the bookkeeping.  One that would must be done
+        first: when its reply arrives, the name is free.  Raises ``ENOENT``
+        for a lease this peer does not hold, as :meth:`release` does.
+        """
         if token not in peer.leases:
             raise _refuse(errno.ENOENT, "no such lease on this connection")
-        self._end_lease(token, peer, now)
+        seg = self.leases[token].segment
+        return seg.live and self._ends_segment(seg, token, len(seg.leases) - 1)
+
+    @staticmethod
+    def _ends_segment(seg: SegmentRecord, token: str, left: int) -> bool:
+        """Does ending lease ``token``, leaving ``left`` leases, remove ``seg``?"""
+        if seg.lifetime == "owner":
+            return token == seg.creator_lease
+        if left:
+            return False
+        return seg.lifetime == "refcount" or (seg.lifetime == "ttl" and not seg.ttl)
 
     def _end_lease(self, token: str, peer: Peer | None, now: float) -> None:
         lease = self.leases.pop(token)
@@ -507,13 +532,12 @@ class Registry:
             if not seg.leases:
                 self.by_id.pop(seg.id, None)
             return
-        if (seg.lifetime == "owner" and token == seg.creator_lease) or (
-            seg.lifetime == "refcount" and not seg.leases
-        ):
+        if seg.lifetime == "ttl":
+            if not seg.leases:
+                assert seg.ttl is not None
+                self._arm_ttl(seg, now, seg.ttl)
+        elif self._ends_segment(seg, token, len(seg.leases)):
             self._remove(seg, "deleted", peer)
-        elif seg.lifetime == "ttl" and not seg.leases:
-            assert seg.ttl is not None
-            self._arm_ttl(seg, now, seg.ttl)
 
     def _arm_ttl(self, seg: SegmentRecord, now: float, delay: float) -> None:
         if delay <= 0:
@@ -560,6 +584,7 @@ class Registry:
         self._allowed(peer, "seal", name)
         if not seg.sealed:
             seg.sealed = True
+            seg.head = None
             self._journal({"k": "seal", "id": seg.id})
             if seg.backing == "memfd":
                 self._effects.append(SealBacking(seg))

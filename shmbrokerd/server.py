@@ -32,7 +32,7 @@ from shmbroker import wire
 from shmbroker.errors import BrokerError, error_from_errno
 
 from .backing import Store
-from .protocol import decode, encode_error, encode_ok, error_code
+from .protocol import decode, encode_done, encode_error, encode_grant, encode_ok, error_code
 from .registry import (
     ArmTimer,
     CreatePlan,
@@ -371,8 +371,15 @@ class Server:
         self._send_grant(conn, req.id, outcome)
 
     def _op_release(self, conn: Connection, req: wire.Release) -> None:
-        self.registry.release(conn.peer, req.lease, time.time())
-        self._send(conn, encode_ok(req.id, {}), [])
+        registry = self.registry
+        if registry.release_removes(conn.peer, req.lease):
+            registry.release(conn.peer, req.lease, time.time())
+            self._send(conn, encode_done(req.id), [])
+            return
+        # nothing the reply reports depends on it: answer first (see release_removes)
+        self._send(conn, encode_done(req.id), [])
+        registry.release(conn.peer, req.lease, time.time())
+        self.run_effects()
 
     def _op_seal(self, conn: Connection, req: wire.Seal) -> None:
         seg = self.registry.seal(conn.peer, req.name)
@@ -380,7 +387,7 @@ class Server:
 
     def _op_delete(self, conn: Connection, req: wire.Delete) -> None:
         self.registry.delete(conn.peer, req.name)
-        self._send(conn, encode_ok(req.id, {}), [])
+        self._send(conn, encode_done(req.id), [])
 
     def _op_stat(self, conn: Connection, req: wire.Stat) -> None:
         seg = self.registry.stat(conn.peer, req.name)
@@ -410,7 +417,7 @@ class Server:
             self._reload()
         except ValueError as exc:
             raise error_from_errno(errno.EINVAL, str(exc)) from None
-        self._send(conn, encode_ok(req.id, {}), [])
+        self._send(conn, encode_done(req.id), [])
 
     def _op_clients(self, conn: Connection, req: wire.Clients) -> None:
         self._require_operator(conn, "clients")
@@ -455,7 +462,7 @@ class Server:
             except OSError:
                 self.registry.release(conn.peer, grant.lease, time.time())
                 raise
-        self._send(conn, encode_ok(rid, grant.result()), fds)
+        self._send(conn, encode_grant(rid, grant), fds)
 
     def run_effects(self) -> None:
         """Carry out what the registry queued, then persist its journal."""

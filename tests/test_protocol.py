@@ -22,7 +22,15 @@ from hypothesis import strategies as st
 from shmbroker import wire
 from shmbroker._protocol import ClientProtocol
 from shmbroker.errors import BrokerError, error_from_errno
-from shmbrokerd.protocol import decode, decode_checked, encode_error, encode_ok, error_code
+from shmbrokerd.protocol import (
+    decode,
+    decode_checked,
+    encode_done,
+    encode_error,
+    encode_grant,
+    encode_ok,
+    error_code,
+)
 from shmbrokerd.registry import Grant, SegmentRecord
 
 from .contract import CONTRACT_CODES
@@ -396,6 +404,46 @@ def test_encode_ok_shape() -> None:
     body = json.loads(encode_ok(5, {"segment": {"x": 1}, "lease": "t"}))
     assert body == {"id": 5, "ok": True, "segment": {"x": 1}, "lease": "t"}
     assert json.loads(encode_ok(0, {})) == {"id": 0, "ok": True}
+
+
+def test_encode_done_is_encode_ok_of_nothing() -> None:
+    for rid in (0, 7, 2**63 - 1):
+        assert encode_done(rid) == encode_ok(rid, {})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rid=st.integers(0, 2**63 - 1),
+    name=st.sampled_from(["a", "x/y.z", "A-_9/" * 50 + "q"]),
+    ttl=st.none() | st.floats(0, wire.MAX_TTL),
+    created=st.floats(0, 2e9),
+    leases=st.integers(0, 40),
+    sealed=st.booleans(),
+)
+def test_encode_grant_is_encode_ok_of_the_grant(
+    rid: int, name: str, ttl: float | None, created: float, leases: int, sealed: bool
+) -> None:
+    """The formatted grant reply is byte for byte the generic encoding, and its
+    cached part follows what changes (a lease count, a seal that drops it)."""
+    seg = SegmentRecord(
+        id="p.1",
+        name=name,
+        size=4096,
+        lifetime="ttl" if ttl is not None else "refcount",
+        ttl=ttl,
+        backing="shm",
+        mode=0o640,
+        created=created,
+        owner_uid=0,
+        owner_gid=7,
+    )
+    seg.leases.update(f"t{i}" for i in range(leases))
+    grant = Grant(seg, "Tok_-0", "ro", True)
+    assert encode_grant(rid, grant) == encode_ok(rid, grant.result())
+    seg.leases.add("one-more")
+    if sealed:
+        seg.sealed, seg.head = True, None  # as Registry.seal does
+    assert encode_grant(rid, grant) == encode_ok(rid, grant.result())
 
 
 @pytest.mark.parametrize("code", sorted(CONTRACT_CODES))

@@ -8,6 +8,7 @@ remain.
 
 from __future__ import annotations
 
+import base64
 import errno
 import itertools
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import pytest
 
 from shmbroker import wire
 from shmbroker.errors import BrokerError
+from shmbrokerd.daemon import TokenSource
 from shmbrokerd.registry import (
     ArmTimer,
     CreatePlan,
@@ -499,6 +501,24 @@ def test_seal_then_rw_open_is_eperm_and_ro_is_fine() -> None:
     assert reg.drain() == []
     # the writable lease granted before the seal is not taken away
     assert reg.leases[g.lease].access == "rw"
+
+
+def test_seal_drops_the_cached_encoding_of_the_segment() -> None:
+    reg = make_registry()
+    peer = make_peer(reg)
+    g = create(reg, peer)
+    g.segment.head = b"stale"
+    reg.seal(peer, g.segment.name)
+    assert g.segment.head is None
+
+
+def test_lease_tokens_are_distinct_192_bit_urlsafe_strings() -> None:
+    source = TokenSource()
+    tokens = [source.next() for _ in range(3 * 170 + 5)]  # across pool refills
+    assert len(set(tokens)) == len(tokens)
+    for token in tokens:
+        assert len(token) == 32
+        assert len(base64.urlsafe_b64decode(token)) == 24
 
 
 def test_seal_of_a_memfd_asks_the_edge_to_seal_the_backing() -> None:

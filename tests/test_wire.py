@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from shmbroker import wire
@@ -117,6 +119,43 @@ def test_check_name_raises_the_pydantic_error_types_directly() -> None:
     with pytest.raises(PydanticCustomError) as bad_info:
         wire.check_name("a//b")
     assert bad_info.value.type == "bad_name"
+
+
+def _rule_by_rule(name: str) -> str:
+    """The name rules of PROTOCOL.md read one by one (check_name matches in one go)."""
+    if len(name.encode("utf-8", "surrogatepass")) > wire.MAX_NAME:
+        return "name_too_long"
+    for part in name.split("/"):
+        if part in ("", ".", "..") or not all(c in _NAME_CHARS for c in part):
+            return "bad_name"
+    return "ok"
+
+
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def _check_name_verdict(name: str) -> str:
+    from pydantic_core import PydanticCustomError
+
+    try:
+        wire.check_name(name)
+    except PydanticCustomError as exc:
+        return exc.type
+    return "ok"
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["a", "Z9", ".", "..", "/", "-", "_", "é", "\n", "\x00", " "]),
+        max_size=12,
+    )
+    | st.text(max_size=300)
+    | st.builds(lambda n, c: c * n, st.integers(250, 260), st.sampled_from(["a", "é", "a/"]))
+)
+def test_check_name_agrees_with_the_rules_read_one_by_one(parts: list[str] | str) -> None:
+    name = parts if isinstance(parts, str) else "".join(parts)
+    assert _check_name_verdict(name) == _rule_by_rule(name), name
 
 
 def test_name_must_be_a_string() -> None:
