@@ -4,6 +4,7 @@ clients is only "build, call, finish"."""
 
 from __future__ import annotations
 
+import array
 import errno
 import socket
 from collections.abc import Callable, Generator, Iterator
@@ -127,8 +128,8 @@ def to_info(reply: Reply) -> wire.Segment:
 
 
 def split_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
-    import array
-
+    if not anc:
+        return []
     fds = array.array("i")
     for level, kind, data in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

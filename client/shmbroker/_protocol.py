@@ -80,9 +80,15 @@ class ClientProtocol:
         if ok is not True:
             _close(fds)
             return Reply(rid, op, None, _reply_error(body), None)
+        model = wire.RESULTS[op]
+        del body["id"], body["ok"]  # the result is the rest (some models keep unknown keys)
         try:
-            fields = {k: v for k, v in body.items() if k not in ("id", "ok")}
-            result = wire.RESULTS[op].model_validate(fields)
+            # an empty result takes any object: not validated again and again
+            result = (
+                _EMPTY
+                if model is wire.Empty
+                else model.__pydantic_validator__.validate_python(body)
+            )
         except ValidationError:
             _close(fds)
             return Reply(rid, op, None, error_from_errno(errno.EBADMSG, f"bad {op} reply"), None)
@@ -93,6 +99,9 @@ class ClientProtocol:
             _close(fds)
             fds = []
         return Reply(rid, op, result, None, fds[0] if fds else None)
+
+
+_EMPTY = wire.Empty()
 
 
 def _reply_error(body: dict[str, Any]) -> BrokerError:
