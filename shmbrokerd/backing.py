@@ -77,7 +77,7 @@ class Store:
             if access == "rw":
                 return os.dup(held)
             return os.open(f"/proc/self/fd/{held}", os.O_RDONLY | os.O_CLOEXEC)
-        return os.open(self.path(segment_id), flags)
+        return os.open(self._base + segment_id, flags)  # self.path(), a call less
 
     def seal(self, segment_id: str) -> None:
         fd = self._memfds.get(segment_id)

@@ -39,6 +39,10 @@ __all__ = ["Daemon", "Options"]
 
 log = logging.getLogger("shmbrokerd")
 SHUTDOWN_GRACE = 3.0
+#: How long journal records no reply waits for (``unlease``) may stay
+#: unwritten: they go with the next record that must precede a reply, or
+#: this much later, so a client's open+release costs one ``write``, not two.
+JOURNAL_LAG = 0.05
 STATUS_INTERVAL = 2.0
 
 
@@ -88,6 +92,7 @@ class Daemon:
         self.exit_code = 0
         self.supervisor = Supervisor()
         self.socket_from_systemd = False
+        self._lag: asyncio.TimerHandle | None = None
 
     def _load(self) -> Config:
         return load(self.options.config, self.options.overrides())
@@ -106,6 +111,7 @@ class Daemon:
         )
         gid = self.socket_gid if self.socket_gid is not None else os.getegid()
         self.events.set_access(os.geteuid(), gid, self.config.socket_mode)
+        self.registry.wants_event = self.events.wanted
         self.server.start(listener)
         loop.add_reader(self.events.fileno(), self.events.readable)
         self.events.readable()
@@ -139,7 +145,7 @@ class Daemon:
             new_segment_id=_segment_id_factory(),
             journal=self.state.record,
             policy=build_policy(cfg),
-            wants_event=self._wants_event,
+            wants_event=lambda name: False,  # no subscriber before the events socket
         )
         self.server = Server(
             self.registry,
@@ -150,7 +156,7 @@ class Daemon:
             reload=self.reload,
             is_operator=self.is_operator,
             before_reply=self._before_reply,
-            after_replies=self.state.after_replies,
+            after_replies=self._after_replies,
             memfd_created=self._memfd_created,
             memfd_unlinked=self.supervisor.drop_fd,
         )
@@ -231,16 +237,22 @@ class Daemon:
         del loaded, leases
         _give_back_memory()
 
-    def _wants_event(self, name: str) -> bool:
-        """Registry hook: an event is built only if a subscriber would get it."""
-        events: EventPublisher | None = getattr(self, "events", None)
-        return events is not None and events.wanted(name)
-
     def _before_reply(self) -> None:
         """The state must know a change before any reply that depends on it leaves."""
-        self.state.flush_urgent()
-        if self.state.wants_compaction:
-            self.state.compact()  # from the encoded records it keeps: a short stall
+        state = self.state
+        if state.urgent:
+            state.flush()
+        if state.wants_compaction:
+            state.compact()  # from the encoded records it keeps: a short stall
+
+    def _after_replies(self) -> None:
+        """What trails the replies (see ``JOURNAL_LAG``) is caught up with later."""
+        if self._lag is None and self.state.trailing:
+            self._lag = asyncio.get_running_loop().call_later(JOURNAL_LAG, self._catch_up)
+
+    def _catch_up(self) -> None:
+        self._lag = None
+        self.state.catch_up()
 
     def _memfd_created(self, segment_id: str) -> None:
         fd = self.store.memfd(segment_id)
@@ -329,6 +341,8 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
         await self.server.drain_and_close(time.monotonic() + SHUTDOWN_GRACE)
+        if self._lag is not None:
+            self._lag.cancel()
         self.state.flush()
         if self.state.dirty:
             self.state.compact(self.registry.records())

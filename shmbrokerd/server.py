@@ -59,6 +59,8 @@ _UCRED = struct.Struct("3i")
 # plain ints: enum.Flag arithmetic on every datagram is measurable
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_SOL_SOCKET = socket.SOL_SOCKET
+_SCM_RIGHTS = socket.SCM_RIGHTS
 
 
 @dataclass
@@ -266,14 +268,6 @@ class Server:
     # -- read ------------------------------------------------------------------
 
     def _readable(self, conn: Connection) -> None:
-        self._batching = True
-        try:
-            self._read_one(conn)
-        finally:
-            self._batching = False
-            self._replies_sent()
-
-    def _read_one(self, conn: Connection) -> None:
         try:
             size, anc, flags, _ = conn.sock.recvmsg_into([self._rbuf], _ANC_SPACE)
         except BlockingIOError:
@@ -281,12 +275,16 @@ class Server:
         except OSError as exc:
             self._close(conn, f"receive failed: {exc.strerror}")
             return
-        nfds = _close_fds(anc) if anc else 0
-        if not size and not nfds and not flags & _MSG_TRUNC:
-            self._close(conn, None)  # an empty datagram is the end of the connection
-            return
-        data = self._rview[:size].tobytes()
-        self._handle(conn, data, nfds, bool(flags & _TRUNCATED))
+        self._batching = True
+        try:
+            nfds = _close_fds(anc) if anc else 0
+            if not size and not nfds and not flags & _MSG_TRUNC:
+                self._close(conn, None)  # an empty datagram is the end of the connection
+            else:
+                self._handle(conn, self._rview[:size].tobytes(), nfds, bool(flags & _TRUNCATED))
+        finally:
+            self._batching = False
+            self._replies_sent()
 
     def _replies_sent(self) -> None:
         """What may trail the replies: journal records no reply needs, then events."""
@@ -466,11 +464,10 @@ class Server:
 
     def run_effects(self) -> None:
         """Carry out what the registry queued, then persist its journal."""
-        effects = self.registry.drain()
-        while effects:
-            for eff in effects:
+        registry = self.registry
+        while registry.effects:
+            for eff in registry.drain():
                 self._effect(eff)
-            effects = self.registry.drain()
         self._before_reply()
         if not self._batching:
             self._replies_sent()
@@ -541,15 +538,17 @@ class Server:
             self._enqueue(conn, payload, fds)
             return
         try:
-            _sendmsg(conn.sock, payload, fds)
+            if fds:
+                conn.sock.sendmsg([payload], [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))])
+                for fd in fds:
+                    os.close(fd)
+            else:
+                conn.sock.send(payload)
         except BlockingIOError:
             self._enqueue(conn, payload, fds)
-            return
         except OSError as exc:
             _close_all(fds)
             self._close(conn, f"send failed: {exc.strerror}")
-            return
-        _close_all(fds)
 
     def _enqueue(self, conn: Connection, payload: bytes, fds: list[int]) -> None:
         assert self._loop is not None
@@ -618,7 +617,7 @@ class Server:
 
 def _sendmsg(sock: socket.socket, payload: bytes, fds: list[int]) -> None:
     if fds:
-        sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        sock.sendmsg([payload], [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))])
     else:
         sock.send(payload)
 

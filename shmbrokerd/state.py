@@ -5,9 +5,11 @@ Lines) in the state directory.  Every change the registry makes is a small
 record; records are buffered and written (one ``write``) before the reply
 that depends on them leaves, so a client never holds a lease the state does
 not know, even if the daemon is SIGKILLed the next instant.  An ``unlease``
-alone is the exception: it is written just after its reply (``flush``, at
-the end of the wakeup), because losing it costs nothing lasting: after a
-restart the lease is merely reclaimable, and ends with the reclaim window.
+alone is the exception: it may trail its reply, written with the next
+record that must precede one or at most ``JOURNAL_LAG`` (50 ms) later
+(:meth:`StateFile.catch_up`, scheduled by the daemon), because losing it
+costs nothing lasting: after a restart the lease is merely reclaimable,
+and ends with the reclaim window.
 When the journal grows past a bound, a new snapshot is written atomically
 (temp file, fsync, rename, fsync of the directory) and the journal starts
 over.  That snapshot is not re-encoded from the registry: the state file
@@ -134,7 +136,8 @@ class StateFile:
         self.compact_after = compact_after
         self._fd = -1
         self._buffer: list[bytes] = []
-        self._urgent = False  # buffered records that must precede a reply
+        #: buffered records must be written before the next reply (flush_urgent)
+        self.urgent = False
         self.live = Live()
         #: records not yet replayed into ``live`` (see :meth:`settle`)
         self._unsettled: list[tuple[Record, bytes]] = []
@@ -170,31 +173,37 @@ class StateFile:
         self._buffer.append(data)
         self._unsettled.append((rec, data))
         if rec["k"] != "unlease":
-            self._urgent = True
+            self.urgent = True
 
     def settle(self) -> None:
         """Replay the records journaled since the last call into ``live``.
 
-        Not on file, not needed by a reply: done after the replies of a
-        wakeup, or before a snapshot is taken from ``live``.
+        Nothing on file depends on it, no reply waits for it: done after
+        the replies (:meth:`catch_up`), or before a snapshot is taken from
+        ``live``.
         """
         add = self.live.add
         for rec, data in self._unsettled:
             add(rec, data)
         self._unsettled.clear()
 
-    def after_replies(self) -> None:
-        """What trails a wakeup's replies: the rest of the journal, then :meth:`settle`."""
+    @property
+    def trailing(self) -> bool:
+        """Is anything left for :meth:`catch_up`?"""
+        return bool(self._buffer or self._unsettled)
+
+    def catch_up(self) -> None:
+        """What may trail the replies: the rest of the journal, then :meth:`settle`."""
         self.flush()
         self.settle()
 
     def flush_urgent(self) -> None:
         """Write the buffer if any record in it must be on file before a reply."""
-        if self._urgent:
+        if self.urgent:
             self.flush()
 
     def flush(self) -> None:
-        self._urgent = False
+        self.urgent = False
         if not self._buffer or self._fd < 0:
             return
         data = b"\n".join(self._buffer) + b"\n"

@@ -4,11 +4,14 @@ and a call in flight fails with ConnectionError instead of hanging."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import time
 
 import pytest
 
 from shmbroker import AsyncBroker, Broker
+from shmbrokerd.daemon import JOURNAL_LAG
 
 from .helpers import DaemonProc
 
@@ -131,5 +134,25 @@ def test_a_journal_holding_only_a_torn_record_does_not_swallow_the_next() -> Non
             assert [s.name for s in b.list("torn/")] == ["torn/a", "torn/b"]
             b.delete("torn/a")
             b.delete("torn/b")
+    finally:
+        d.cleanup()
+
+
+def test_a_release_is_on_file_soon_after_its_reply() -> None:
+    """An unlease may trail its reply (JOURNAL_LAG), not wait for the next write."""
+    d = DaemonProc({"reclaim_window": 20.0})
+    d.start()
+    try:
+        with Broker(d.socket) as b:
+            b.create("lag/keep", 4096, lifetime="persistent").close()
+            b.open("lag/keep").close()
+            time.sleep(JOURNAL_LAG + 0.5)  # idle: nothing else would write it
+            journal = (d.root / "state" / "journal.jsonl").read_text().splitlines()
+            assert json.loads(journal[-1])["k"] == "unlease"
+        d.kill()
+        d.start()
+        with Broker(d.socket) as b:  # no lease left to reclaim for 20 s
+            assert b.stat("lag/keep").leases == 0
+            b.delete("lag/keep")
     finally:
         d.cleanup()

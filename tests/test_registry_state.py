@@ -590,7 +590,7 @@ class RegistryMachine(RuleBasedStateMachine):
         # the edge answers first the releases said not to remove their segment
         effects = self.reg.drain()
         assert removes == any(isinstance(e, Unlink) for e in effects), (token, removes, effects)
-        self.reg._effects[:0] = effects  # as if not drained: _run carries them out
+        self.reg.effects[:0] = effects  # as if not drained: _run carries them out
         self._run()
 
     @rule(pick=PICK, name=st.sampled_from(NAMES))
