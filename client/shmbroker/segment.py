@@ -10,7 +10,6 @@ Segment holds its own lease; the mapping goes when its last Segment closes.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 from collections.abc import Callable
@@ -54,8 +53,10 @@ class Mapping:
         if self.refs:
             return
         self._on_last(self)
-        with contextlib.suppress(BufferError):  # exported views keep it mapped until they die
+        try:  # noqa: SIM105 (runs at every close: contextlib.suppress costs more)
             self.mmap.close()
+        except BufferError:  # exported views keep it mapped until they die
+            pass
         os.close(self.fd)
 
 
@@ -130,8 +131,10 @@ class Segment:
         mapping, self._mapping = self._mapping, None
         if mapping is None:
             return
-        with contextlib.suppress(BufferError):  # views of buf (numpy arrays) are alive
+        try:  # noqa: SIM105 (as in Mapping.release)
             self.buf.release()
+        except BufferError:  # views of buf (numpy arrays) are alive
+            pass
         mapping.release()
         self._release(self.lease)
 
