@@ -155,7 +155,7 @@ class Daemon:
             hello_info=self.hello_info,
             reload=self.reload,
             is_operator=self.is_operator,
-            before_reply=self._before_reply,
+            journal=self.state,
             after_replies=self._after_replies,
             memfd_created=self._memfd_created,
             memfd_unlinked=self.supervisor.drop_fd,
@@ -236,14 +236,6 @@ class Daemon:
             self.state.compact()
         del loaded, leases
         _give_back_memory()
-
-    def _before_reply(self) -> None:
-        """The state must know a change before any reply that depends on it leaves."""
-        state = self.state
-        if state.urgent:
-            state.flush()
-        if state.wants_compaction:
-            state.compact()  # from the encoded records it keeps: a short stall
 
     def _after_replies(self) -> None:
         """What trails the replies (see ``JOURNAL_LAG``) is caught up with later."""

@@ -26,7 +26,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from shmbroker import wire
 from shmbroker.errors import BrokerError, error_from_errno
@@ -63,6 +63,15 @@ _SOL_SOCKET = socket.SOL_SOCKET
 _SCM_RIGHTS = socket.SCM_RIGHTS
 
 
+class Journal(Protocol):
+    """The state file, as the server sees it (``state.StateFile``)."""
+
+    #: records are waiting that must be on file before the next reply
+    urgent: bool
+
+    def before_reply(self) -> None: ...
+
+
 @dataclass
 class ServerLimits:
     max_clients: int
@@ -94,7 +103,7 @@ class Server:
         hello_info: Callable[[], dict[str, Any]],
         reload: Callable[[], None],
         is_operator: Callable[[int, int, frozenset[int]], bool],
-        before_reply: Callable[[], None] = lambda: None,
+        journal: Journal,
         after_replies: Callable[[], None] = lambda: None,
         memfd_created: Callable[[str], None] = lambda segment_id: None,
         memfd_unlinked: Callable[[str], None] = lambda segment_id: None,
@@ -106,7 +115,7 @@ class Server:
         self._hello_info = hello_info
         self._reload = reload
         self._is_operator = is_operator
-        self._before_reply = before_reply
+        self._journal = journal
         self._after_replies = after_replies
         self._memfd_created = memfd_created
         self._memfd_unlinked = memfd_unlinked
@@ -468,7 +477,7 @@ class Server:
         while registry.effects:
             for eff in registry.drain():
                 self._effect(eff)
-        self._before_reply()
+        self._journal.before_reply()
         if not self._batching:
             self._replies_sent()
 
@@ -532,7 +541,8 @@ class Server:
             return
         # What the reply reports must already be true: unlinks, seals and the
         # journal happen before it leaves.
-        self.run_effects()
+        if self.registry.effects or self._journal.urgent:
+            self.run_effects()
         self._replied = True
         if conn.queue:
             self._enqueue(conn, payload, fds)

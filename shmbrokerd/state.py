@@ -136,7 +136,7 @@ class StateFile:
         self.compact_after = compact_after
         self._fd = -1
         self._buffer: list[bytes] = []
-        #: buffered records must be written before the next reply (flush_urgent)
+        #: buffered records must be written before the next reply (before_reply)
         self.urgent = False
         self.live = Live()
         #: records not yet replayed into ``live`` (see :meth:`settle`)
@@ -196,11 +196,16 @@ class StateFile:
         """What may trail the replies: the rest of the journal, then :meth:`settle`."""
         self.flush()
         self.settle()
+        if self._journaled >= self.compact_after:
+            self.compact()
 
-    def flush_urgent(self) -> None:
-        """Write the buffer if any record in it must be on file before a reply."""
+    def before_reply(self) -> None:
+        """The state must know a change before any reply that depends on it leaves;
+        then, if the journal is long, a snapshot (from ``live``: a short stall)."""
         if self.urgent:
             self.flush()
+        if self._journaled >= self.compact_after:
+            self.compact()
 
     def flush(self) -> None:
         self.urgent = False
@@ -218,10 +223,6 @@ class StateFile:
     def dirty(self) -> bool:
         """Has anything been journaled since the last snapshot?"""
         return bool(self._journaled or self._buffer)
-
-    @property
-    def wants_compaction(self) -> bool:
-        return self._journaled >= self.compact_after
 
     def keep(self, records: Iterable[Record]) -> None:
         """Start what a snapshot would hold over from ``records`` (the registry's).

@@ -223,6 +223,9 @@ class AsyncBroker:
         return self._segment(await self._call("create", **params), "rw")
 
     async def open(self, name: str, access: Access = "ro", wait: float | None = None) -> Segment:
+        if self._mappings.cached(name, access) is None:  # open_flow's one request
+            params = _api.open_params(name, access, wait)
+            return self._segment(await self._call("open", **params), access)
         return await self._drive(
             _api.open_flow(self._mappings, name, access, wait, self._release_later, self._leases)
         )

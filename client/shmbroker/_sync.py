@@ -242,6 +242,8 @@ class Broker:
 
     def open(self, name: str, access: Access = "ro", wait: float | None = None) -> Segment:
         """Open and map a segment; with ``wait``, wait that long for its creation."""
+        if self._mappings.cached(name, access) is None:  # open_flow's one request
+            return self._segment(self._call("open", **_api.open_params(name, access, wait)), access)
         return self._drive(
             _api.open_flow(self._mappings, name, access, wait, self._release_segment, self._leases)
         )
