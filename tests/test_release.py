@@ -74,3 +74,41 @@ def test_close_after_the_daemon_died_returns_at_once(daemon: DaemonProc) -> None
     finally:
         b.close()
         os.unlink(f"/dev/shm/{daemon.prefix}{seg.id}")  # a SIGKILLed daemon leaves it
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_close_unmaps_whether_or_not_the_release_goes_out(daemon: DaemonProc) -> None:
+    """close() unmaps and closes the fd, also when the release cannot be sent
+    (the daemon died), and does not raise."""
+    for pipelined in (False, True):
+        b = Broker(daemon.socket, reconnect_timeout=0.5, pipeline_release=pipelined)
+        try:
+            keep = b.create("rel/u", 4096, lifetime="persistent")
+            seg = b.open("rel/u")  # ro: a mapping of its own (keep's is rw)
+            fd = seg.fd
+            seg.close()  # the daemon answers: unmapped, fd closed
+            assert not _is_open(fd)
+            assert b.stat("rel/u").leases == 1
+            keep.close()
+            b.delete("rel/u")
+        finally:
+            b.close()
+    b = Broker(daemon.socket, reconnect_timeout=0.5)
+    seg = b.create("rel/v", 4096)
+    fd = seg.fd
+    try:
+        os.kill(daemon.proc.pid, signal.SIGKILL)
+        daemon.proc.wait()
+        seg.close()  # the release is not sent: unmapped all the same
+        assert not _is_open(fd), os.readlink(f"/proc/self/fd/{fd}")
+        assert seg.closed
+    finally:
+        b.close()
+        os.unlink(f"/dev/shm/{daemon.prefix}{seg.id}")  # a SIGKILLed daemon leaves it
