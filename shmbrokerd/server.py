@@ -71,6 +71,8 @@ class Journal(Protocol):
 
     def before_reply(self) -> None: ...
 
+    def catch_up(self) -> None: ...
+
 
 @dataclass
 class ServerLimits:
@@ -297,9 +299,11 @@ class Server:
 
     def _replies_sent(self) -> None:
         """What may trail the replies: journal records no reply needs, then events."""
-        self._after_replies()  # on file before anyone is told (a watcher may act on it)
-        if self._events:
+        if self._events:  # on file before anyone is told (a watcher may act on it)
+            self._journal.catch_up()
             self._flush_events()
+        else:
+            self._after_replies()  # may trail a while (the daemon's JOURNAL_LAG)
 
     def _handle(self, conn: Connection, data: bytes, nfds: int, truncated: bool) -> None:
         rid, req = decode(data, nfds=nfds, truncated=truncated)
@@ -312,14 +316,17 @@ class Server:
         self._replied = False
         try:
             self._handlers[op](conn, req)
-        except BrokerError as exc:
-            self._refuse(conn, req.id, op, exc, getattr(req, "name", None))
-        except OSError as exc:  # the system refused us (EMFILE, ENOMEM...): tell the peer
-            log.error("%s failed: %s", op, exc, extra={"OP": op, "ERRNO": error_code(exc)})
-            self._refuse(conn, req.id, op, exc, getattr(req, "name", None))
-        except Exception:  # a bug: keep serving, say so loudly
-            log.exception("internal error in %s", op)
-            self._refuse(conn, req.id, op, error_from_errno(errno.EIO, "internal error"))
+        except Exception as exc:
+            if self._replied:  # what a release does after its reply: never answer twice
+                log.error("%s failed after its reply: %s", op, exc, exc_info=exc)
+            elif isinstance(exc, BrokerError):
+                self._refuse(conn, req.id, op, exc, getattr(req, "name", None))
+            elif isinstance(exc, OSError):  # the system refused us (EMFILE, ENOMEM...)
+                log.error("%s failed: %s", op, exc, extra={"OP": op, "ERRNO": error_code(exc)})
+                self._refuse(conn, req.id, op, exc, getattr(req, "name", None))
+            else:  # a bug: keep serving, say so loudly
+                log.error("internal error in %s", op, exc_info=exc)
+                self._refuse(conn, req.id, op, error_from_errno(errno.EIO, "internal error"))
         finally:
             if not self._replied:  # a waiting open: nothing went out to run them
                 self.run_effects()
@@ -346,6 +353,10 @@ class Server:
                     "ERRNO": code,
                 },
             )
+        try:
+            self._persist()
+        except OSError as failed:  # a refusal is owed all the same (a failed write drops records)
+            log.error("state not written before refusing %s: %s", op, failed)
         self._send(conn, encode_error(rid, exc), [])
 
     # -- ops -------------------------------------------------------------------
@@ -385,8 +396,9 @@ class Server:
             return
         # nothing the reply reports depends on it: answer first (see release_removes)
         self._send(conn, encode_done(req.id), [])
-        registry.release(conn.peer, req.lease, time.time())
-        self.run_effects()
+        if not conn.closed:  # else the disconnect has ended the lease already
+            registry.release(conn.peer, req.lease, time.time())
+            self.run_effects()
 
     def _op_seal(self, conn: Connection, req: wire.Seal) -> None:
         seg = self.registry.seal(conn.peer, req.name)
@@ -469,7 +481,18 @@ class Server:
             except OSError:
                 self.registry.release(conn.peer, grant.lease, time.time())
                 raise
+        try:
+            self._persist()
+        except OSError:  # the grant could not be put on file: refuse it
+            _close_all(fds)
+            self.registry.release(conn.peer, grant.lease, time.time())
+            raise
         self._send(conn, encode_grant(rid, grant), fds)
+
+    def _persist(self) -> None:
+        """What a reply reports must be true before it leaves: unlinks, seals, journal."""
+        if self.registry.effects or self._journal.urgent:
+            self.run_effects()
 
     def run_effects(self) -> None:
         """Carry out what the registry queued, then persist its journal."""
@@ -539,10 +562,7 @@ class Server:
         if conn.closed:
             _close_all(fds)
             return
-        # What the reply reports must already be true: unlinks, seals and the
-        # journal happen before it leaves.
-        if self.registry.effects or self._journal.urgent:
-            self.run_effects()
+        self._persist()
         self._replied = True
         if conn.queue:
             self._enqueue(conn, payload, fds)
@@ -550,15 +570,17 @@ class Server:
         try:
             if fds:
                 conn.sock.sendmsg([payload], [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))])
-                for fd in fds:
-                    os.close(fd)
             else:
                 conn.sock.send(payload)
         except BlockingIOError:
             self._enqueue(conn, payload, fds)
+            return
         except OSError as exc:
             _close_all(fds)
             self._close(conn, f"send failed: {exc.strerror}")
+            return
+        for fd in fds:
+            os.close(fd)
 
     def _enqueue(self, conn: Connection, payload: bytes, fds: list[int]) -> None:
         assert self._loop is not None

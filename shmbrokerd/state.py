@@ -134,6 +134,8 @@ class StateFile:
         self.snapshot = directory / "state.json"
         self.journal = directory / "journal.jsonl"
         self.compact_after = compact_after
+        #: journal length at which a snapshot is next tried while serving
+        self._compact_at = compact_after
         self._fd = -1
         self._buffer: list[bytes] = []
         #: buffered records must be written before the next reply (before_reply)
@@ -196,16 +198,30 @@ class StateFile:
         """What may trail the replies: the rest of the journal, then :meth:`settle`."""
         self.flush()
         self.settle()
-        if self._journaled >= self.compact_after:
-            self.compact()
+        if self._journaled >= self._compact_at:
+            self._compact_while_serving()
 
     def before_reply(self) -> None:
         """The state must know a change before any reply that depends on it leaves;
         then, if the journal is long, a snapshot (from ``live``: a short stall)."""
         if self.urgent:
             self.flush()
-        if self._journaled >= self.compact_after:
+        if self._journaled >= self._compact_at:
+            self._compact_while_serving()
+
+    def _compact_while_serving(self) -> None:
+        """A snapshot that fails (a full or broken state directory) fails no request:
+        the journal, still written, holds everything; it is tried again later."""
+        try:
             self.compact()
+        except OSError as exc:
+            self._compact_at = self._journaled + max(self.compact_after // 8, 1)
+            log.error(
+                "snapshot %s failed: %s; the journal keeps growing, next try after %d more records",
+                self.snapshot,
+                exc.strerror or exc,
+                self._compact_at - self._journaled,
+            )
 
     def flush(self) -> None:
         self.urgent = False
@@ -267,6 +283,7 @@ class StateFile:
         if self._fd >= 0:
             os.ftruncate(self._fd, 0)
         self._journaled = 0
+        self._compact_at = self.compact_after
 
     def close(self) -> None:
         self.flush()

@@ -1,0 +1,127 @@
+"""A state directory that fails under the daemon: requests are still
+answered, each exactly once, and nothing the daemon holds leaks.
+
+Faults are real: a directory squatting on the snapshot's temporary file
+(every snapshot fails with ``EISDIR``), and the journal made immutable
+under the running daemon (``chattr +i``: every write to it fails with
+``EPERM``, even through the daemon's open fd).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shmbroker import Broker
+from shmbrokerd.daemon import JOURNAL_LAG
+
+from .helpers import DaemonProc, eventually
+from .test_hostile import Raw, encode
+
+
+def _no_more_replies(raw: Raw) -> None:
+    raw.sock.settimeout(0.3)
+    try:
+        extra = raw.sock.recv(65537)
+    except TimeoutError:
+        return
+    finally:
+        raw.sock.settimeout(10.0)
+    raise AssertionError(f"a second reply: {extra!r}")
+
+
+def _call(raw: Raw, rid: int, op: str, **params: Any) -> tuple[dict[str, Any], list[int]]:
+    raw.send(encode({"id": rid, "op": op, **params}))
+    reply, fds = raw.recv()
+    assert reply["id"] == rid
+    return reply, fds
+
+
+def test_failing_snapshots_fail_no_request_and_are_tried_again() -> None:
+    d = DaemonProc({"state_compact_after": 4, "reclaim_window": 0.5})
+    d.start()
+    squatter = d.root / "state" / "state.tmp"
+    try:
+        squatter.mkdir()
+        raw = Raw(d.socket)
+        try:
+            reply, _ = _call(raw, 1, "create", name="sf/a", size=4096, lifetime="persistent")
+            assert reply["ok"], reply
+            lease = reply["lease"]
+            for rid in range(2, 40, 2):  # far past state_compact_after
+                reply, fds = _call(raw, rid, "open", name="sf/a")
+                assert reply["ok"], reply
+                for fd in fds:
+                    os.close(fd)
+                reply, _ = _call(raw, rid + 1, "release", lease=reply["lease"])
+                assert reply == {"id": rid + 1, "ok": True}
+            _no_more_replies(raw)
+            assert "snapshot" in d.log()
+            assert "failed" in d.log()
+            squatter.rmdir()
+            for rid in range(100, 140, 2):  # the next tries succeed
+                reply, fds = _call(raw, rid, "open", name="sf/a")
+                for fd in fds:
+                    os.close(fd)
+                _call(raw, rid + 1, "release", lease=reply["lease"])
+            eventually(lambda: (d.root / "state" / "state.json").exists())
+            _call(raw, 200, "release", lease=lease)
+        finally:
+            raw.close()
+        time.sleep(4 * JOURNAL_LAG)  # the last unleases on file too
+        d.kill()
+        d.start()  # the journal alone, or snapshot + journal: nothing lost
+        with Broker(d.socket) as b:
+            assert b.stat("sf/a").leases == 0
+            b.delete("sf/a")
+    finally:
+        d.cleanup()
+
+
+def test_a_release_that_fails_after_its_reply_is_answered_once() -> None:
+    """The last lease of a ttl segment: answered first, then the ttl countdown is
+    journaled, which fails here; the failure is logged, not answered again."""
+    d = DaemonProc({"reclaim_window": 0.5})
+    d.start()
+    raw = Raw(d.socket)
+    try:
+        reply, _ = _call(raw, 1, "create", name="sf/t", size=4096, lifetime="ttl", ttl=60)
+        assert reply["ok"], reply
+        journal = d.root / "state" / "journal.jsonl"
+        _immutable(journal, True)
+        raw.send(encode({"id": 2, "op": "release", "lease": reply["lease"]}))
+        reply, _ = raw.recv()
+        assert reply == {"id": 2, "ok": True}
+        _no_more_replies(raw)
+        assert "failed after its reply" in d.log()
+        # still serving, and a request needing the journal gets a clear error
+        reply, _ = _call(raw, 3, "stat", name="sf/t")
+        assert reply["ok"]
+        assert reply["segment"]["leases"] == 0
+        reply, fds = _call(raw, 4, "open", name="sf/t")
+        assert not fds
+        assert reply["ok"] is False
+        assert reply["error"]["code"] == "EPERM", reply
+        reply, _ = _call(raw, 5, "stat", name="sf/t")
+        assert reply["segment"]["leases"] == 0  # the refused grant left no lease
+        fd_count = d.fd_count()
+        for rid in range(6, 56):
+            _call(raw, rid, "open", name="sf/t")
+        assert d.fd_count() == fd_count  # no fd left behind by a refused grant
+        _immutable(journal, False)
+        assert _call(raw, 60, "delete", name="sf/t")[0]["ok"]
+    finally:
+        raw.close()
+        _immutable(d.root / "state" / "journal.jsonl", False)
+        d.cleanup()
+
+
+def _immutable(path: Path, on: bool) -> None:
+    done = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True)
+    if done.returncode and on:
+        pytest.skip(f"chattr +i not possible here: {done.stderr.decode().strip()}")
