@@ -21,11 +21,20 @@ from pathlib import Path
 from . import REPO
 from ._proc import stop, wait_connectable
 
-__all__ = ["BrokerDaemon"]
+__all__ = ["BrokerDaemon", "tree_env"]
+
+
+def tree_env(tree: Path | None) -> dict[str, str] | None:
+    """The environment that imports ``shmbrokerd`` and ``shmbroker`` from ``tree``."""
+    if tree is None:
+        return None
+    return {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'client'}"}
 
 
 class BrokerDaemon:
-    def __init__(self) -> None:
+    """``tree``: run the daemon of that source tree (``bench.ab``) instead of this one."""
+
+    def __init__(self, tree: Path | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="sbb-", dir="/tmp"))
         self.socket = str(self.root / "s.sock")
         self.prefix = f"sbb{secrets.token_hex(4)}."
@@ -42,7 +51,8 @@ class BrokerDaemon:
                 [sys.executable, "-m", "shmbrokerd", "--config", str(config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=REPO,
+                cwd=tree or REPO,
+                env=tree_env(tree),
             )
         try:
             self._wait_ready()

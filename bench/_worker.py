@@ -226,7 +226,9 @@ def serve(op: Op, close: Op, warmup: int) -> None:
 class Worker:
     """The bench's handle on one worker process."""
 
-    def __init__(self, kind: str, *args: str, warmup: int) -> None:
+    def __init__(
+        self, kind: str, *args: str, warmup: int, env: dict[str, str] | None = None
+    ) -> None:
         self.kind = kind
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench._worker", kind, str(warmup), *args],
@@ -234,6 +236,7 @@ class Worker:
             stdout=subprocess.PIPE,
             text=True,
             cwd=REPO,
+            env=env,
         )
 
     def wait_ready(self) -> None:
