@@ -238,3 +238,12 @@ def eventually(pred: Any, timeout: float = 5.0, interval: float = 0.01) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition never held (last value {value!r})")
         time.sleep(interval)
+
+
+def fd_is_open(fd: int) -> bool:
+    """Is ``fd`` open in this process?"""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True

@@ -34,6 +34,7 @@ from shmbrokerd.protocol import (
 from shmbrokerd.registry import Grant, SegmentRecord
 
 from .contract import CONTRACT_CODES
+from .helpers import fd_is_open
 
 #: The ones that depend on the datagram alone, which is all decode sees.
 DECODE_CODES = frozenset({"EBADMSG", "EINVAL", "EOPNOTSUPP", "ENAMETOOLONG"})
@@ -615,14 +616,6 @@ def _devnull() -> int:
     return os.open(os.devnull, os.O_RDONLY)
 
 
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 def _expects_fd(op: str, params: dict[str, Any]) -> bool:
     return op in ("create", "open") and params.get("fd", True) is not False
 
@@ -659,7 +652,7 @@ def test_client_round_trip_success(op: str, params: dict[str, Any]) -> None:
     assert model.model_dump() == result
     if expects:
         assert reply.fd == fd
-        assert _is_open(fd)
+        assert fd_is_open(fd)
     else:
         assert reply.fd is None
     os.close(fd)
@@ -734,7 +727,7 @@ def test_client_round_trip_error(code: str, cls: type[OSError] | None, op: str) 
     rid, _ = proto.request(op, VALID[op])
     fd = _devnull()  # an fd the daemon should not have sent: the client closes it
     reply = proto.receive(encode_error(rid, error_from_errno(getattr(errno, code), "nope")), [fd])
-    assert not _is_open(fd)
+    assert not fd_is_open(fd)
     assert reply is not None
     assert (reply.id, reply.result, reply.fd) == (rid, None, None)
     exc = reply.error
@@ -791,13 +784,13 @@ def test_client_closes_extra_fds() -> None:
     assert reply is not None
     assert isinstance(reply.error, BrokerError)
     assert reply.error.errno == errno.EBADMSG
-    assert not any(_is_open(fd) for fd in fds)
+    assert not any(fd_is_open(fd) for fd in fds)
     rid, _ = proto.request("stat", {"name": "a"})
     fd = _devnull()
     reply = proto.receive(encode_ok(rid, _result("stat")), [fd])
     assert reply is not None
     assert reply.fd is None
-    assert not _is_open(fd)
+    assert not fd_is_open(fd)
 
 
 def test_client_bad_result_shape_is_ebadmsg_not_a_pydantic_error() -> None:
@@ -805,7 +798,7 @@ def test_client_bad_result_shape_is_ebadmsg_not_a_pydantic_error() -> None:
     rid, _ = proto.request("stat", {"name": "a"})
     fd = _devnull()
     reply = proto.receive(encode_ok(rid, {"segment": {"name": 1}}), [fd])
-    assert not _is_open(fd)
+    assert not fd_is_open(fd)
     assert reply is not None
     assert isinstance(reply.error, BrokerError)
     assert reply.error.errno == errno.EBADMSG
@@ -815,7 +808,7 @@ def test_client_reply_for_nobody_is_ignored_and_its_fds_closed() -> None:
     proto = ClientProtocol()
     fd = _devnull()
     assert proto.receive(encode_ok(99, _result("create")), [fd]) is None
-    assert not _is_open(fd)
+    assert not fd_is_open(fd)
     rid, _ = proto.request("stat", {"name": "a"})
     proto.forget(rid)
     assert proto.receive(encode_ok(rid, _result("stat")), []) is None
@@ -856,7 +849,7 @@ def test_client_malformed_reply_gives_a_broker_error_never_another_exception(dat
         pass
     else:
         assert reply is None or isinstance(reply.error, BrokerError)
-    assert not _is_open(fd)
+    assert not fd_is_open(fd)
 
 
 # -- properties ---------------------------------------------------------------

@@ -15,7 +15,7 @@ import signal
 
 from shmbroker import Broker
 
-from .helpers import DaemonProc, eventually
+from .helpers import DaemonProc, eventually, fd_is_open
 
 
 def test_by_default_others_see_the_release_when_close_returns(daemon: DaemonProc) -> None:
@@ -76,14 +76,6 @@ def test_close_after_the_daemon_died_returns_at_once(daemon: DaemonProc) -> None
         os.unlink(f"/dev/shm/{daemon.prefix}{seg.id}")  # a SIGKILLed daemon leaves it
 
 
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 def test_close_unmaps_whether_or_not_the_release_goes_out(daemon: DaemonProc) -> None:
     """close() unmaps and closes the fd, also when the release cannot be sent
     (the daemon died), and does not raise."""
@@ -94,7 +86,7 @@ def test_close_unmaps_whether_or_not_the_release_goes_out(daemon: DaemonProc) ->
             seg = b.open("rel/u")  # ro: a mapping of its own (keep's is rw)
             fd = seg.fd
             seg.close()  # the daemon answers: unmapped, fd closed
-            assert not _is_open(fd)
+            assert not fd_is_open(fd)
             assert b.stat("rel/u").leases == 1
             keep.close()
             b.delete("rel/u")
@@ -107,7 +99,7 @@ def test_close_unmaps_whether_or_not_the_release_goes_out(daemon: DaemonProc) ->
         os.kill(daemon.proc.pid, signal.SIGKILL)
         daemon.proc.wait()
         seg.close()  # the release is not sent: unmapped all the same
-        assert not _is_open(fd), os.readlink(f"/proc/self/fd/{fd}")
+        assert not fd_is_open(fd), os.readlink(f"/proc/self/fd/{fd}")
         assert seg.closed
     finally:
         b.close()
