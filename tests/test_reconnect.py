@@ -156,3 +156,20 @@ def test_a_release_is_on_file_soon_after_its_reply() -> None:
             b.delete("lag/keep")
     finally:
         d.cleanup()
+
+
+def test_a_stop_right_after_a_release_keeps_it() -> None:
+    """SIGTERM within JOURNAL_LAG of a release: the stop writes what trails."""
+    d = DaemonProc({"reclaim_window": 20.0})
+    d.start()
+    try:
+        with Broker(d.socket) as b:
+            b.create("lag/stop", 4096, lifetime="persistent").close()
+            b.open("lag/stop").close()
+            assert d.stop() == 0  # at once: the lag timer is still pending
+        d.start()
+        with Broker(d.socket) as b:  # nothing left to reclaim
+            assert b.stat("lag/stop").leases == 0
+            b.delete("lag/stop")
+    finally:
+        d.cleanup()
