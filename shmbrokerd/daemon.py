@@ -244,7 +244,10 @@ class Daemon:
 
     def _catch_up(self) -> None:
         self._lag = None
-        self.state.catch_up()
+        try:
+            self.state.catch_up()
+        except OSError as exc:  # kept, written with the next change that must be
+            log.error("journal not written: %s", exc)
 
     def _memfd_created(self, segment_id: str) -> None:
         fd = self.store.memfd(segment_id)
@@ -335,9 +338,13 @@ class Daemon:
         await self.server.drain_and_close(time.monotonic() + SHUTDOWN_GRACE)
         if self._lag is not None:
             self._lag.cancel()
-        self.state.flush()
-        if self.state.dirty:
-            self.state.compact(self.registry.records())
+        try:
+            self.state.flush()
+            if self.state.dirty:
+                self.state.compact(self.registry.records())
+        except OSError as exc:  # say so, and stop all the same
+            log.error("state not saved at stop: %s", exc)
+            self.exit_code = 1
         self.state.close()
         loop.remove_reader(self.events.fileno())
         self.events.close()

@@ -179,7 +179,7 @@ class Server:
         self.registry.shutdown(time.time())
         for conn in list(self.conns.values()):
             self._close(conn, None)
-        self.run_effects()
+        self._run_effects_logged("shutdown")
         self._flush_events()
         for handle in [*self._wait_timers.values(), *self._ttl_timers.values()]:
             handle.cancel()
@@ -300,8 +300,15 @@ class Server:
     def _replies_sent(self) -> None:
         """What may trail the replies: journal records no reply needs, then events."""
         if self._events:  # on file before anyone is told (a watcher may act on it)
-            self._journal.catch_up()
-            self._flush_events()
+            try:
+                self._journal.catch_up()
+            except OSError as exc:
+                log.error(
+                    "%d events dropped, their changes not on file: %s", len(self._events), exc
+                )
+                self._events.clear()
+            else:
+                self._flush_events()
         else:
             self._after_replies()  # may trail a while (the daemon's JOURNAL_LAG)
 
@@ -353,11 +360,8 @@ class Server:
                     "ERRNO": code,
                 },
             )
-        try:
-            self._persist()
-        except OSError as failed:  # a refusal is owed all the same (a failed write drops records)
-            log.error("state not written before refusing %s: %s", op, failed)
-        self._send(conn, encode_error(rid, exc), [])
+        # a refusal reports no change: sent even when the journal cannot be written
+        self._send(conn, encode_error(rid, exc), [], persist=False)
 
     # -- ops -------------------------------------------------------------------
 
@@ -531,14 +535,18 @@ class Server:
             conn = self.conns.get(eff.peer)
             if conn is None:
                 return
-            if eff.grant is not None:
-                try:
-                    self._send_grant(conn, eff.request_id, eff.grant)
-                except OSError as exc:
-                    self._refuse(conn, eff.request_id, "open", exc)
-            else:
-                assert eff.error is not None
-                self._refuse(conn, eff.request_id, "open", eff.error)
+            replied = self._replied  # these answer another request than the one handled
+            try:
+                if eff.grant is not None:
+                    try:
+                        self._send_grant(conn, eff.request_id, eff.grant)
+                    except OSError as exc:
+                        self._refuse(conn, eff.request_id, "open", exc)
+                else:
+                    assert eff.error is not None
+                    self._refuse(conn, eff.request_id, "open", eff.error)
+            finally:
+                self._replied = replied
 
     def _flush_events(self) -> None:
         events, self._events = self._events, []
@@ -548,21 +556,32 @@ class Server:
     def _ttl_expired(self, segment_id: str, generation: int) -> None:
         self._ttl_timers.pop(segment_id, None)
         self.registry.expire(segment_id, generation, time.time())
-        self.run_effects()
+        self._run_effects_logged("ttl expiry")
 
     def _wait_expired(self, waiter: int) -> None:
         self._wait_timers.pop(waiter, None)
         self.registry.wait_timeout(waiter)
-        self.run_effects()
+        self._run_effects_logged("wait timeout")
+
+    def _run_effects_logged(self, what: str) -> None:
+        """For what no request waits on: a journal that cannot be written is logged
+        (its records stay buffered, written first once it can be)."""
+        try:
+            self.run_effects()
+        except OSError as exc:
+            log.error("%s: state not written: %s", what, exc)
 
     # -- write -----------------------------------------------------------------
 
-    def _send(self, conn: Connection, payload: bytes, fds: list[int]) -> None:
+    def _send(
+        self, conn: Connection, payload: bytes, fds: list[int], *, persist: bool = True
+    ) -> None:
         """Send now if the socket takes it, else queue; fds are ours to close."""
         if conn.closed:
             _close_all(fds)
             return
-        self._persist()
+        if persist:
+            self._persist()
         self._replied = True
         if conn.queue:
             self._enqueue(conn, payload, fds)
@@ -644,7 +663,7 @@ class Server:
             if timer is not None:
                 timer.cancel()
         self.registry.disconnect(peer.id, time.time())
-        self.run_effects()
+        self._run_effects_logged("disconnect")
 
 
 def _sendmsg(sock: socket.socket, payload: bytes, fds: list[int]) -> None:

@@ -143,6 +143,7 @@ class StateFile:
         self.live = Live()
         #: records not yet replayed into ``live`` (see :meth:`settle`)
         self._unsettled: list[tuple[Record, bytes]] = []
+        self._torn = False  # did the last write fail, maybe halfway through a line?
         self._journaled = 0
 
     # -- reading -----------------------------------------------------------------
@@ -224,16 +225,26 @@ class StateFile:
             )
 
     def flush(self) -> None:
-        self.urgent = False
+        """Write what is buffered.  A write that fails (a full or broken state
+        directory) raises and keeps the records, still urgent: no reply that
+        needs them goes out, and they are written first once writing works."""
         if not self._buffer or self._fd < 0:
+            self.urgent = False
             return
         data = b"\n".join(self._buffer) + b"\n"
+        if self._torn:  # a failed write may have left part of a line: end it
+            data = b"\n" + data
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError:
+            self._torn = True
+            raise
+        self._torn = False
         self._journaled += len(self._buffer)
         self._buffer.clear()
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        self.urgent = False
 
     @property
     def dirty(self) -> bool:
@@ -282,11 +293,14 @@ class StateFile:
             os.close(dfd)
         if self._fd >= 0:
             os.ftruncate(self._fd, 0)
+            self._torn = False
         self._journaled = 0
         self._compact_at = self.compact_after
 
     def close(self) -> None:
-        self.flush()
+        """Write what is left if it can (a failure was said already), then close."""
+        with contextlib.suppress(OSError):
+            self.flush()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,32 @@ def test_what_is_on_disk_follows_the_records_at_every_step(
         assert kept.leases == truth.leases
     finally:
         state.close()
+
+
+def test_a_write_cut_short_loses_nothing_once_writing_works(tmp_path: Path) -> None:
+    """A real short write (RLIMIT_FSIZE lets 7 bytes through, then EFBIG): the
+    records stay buffered and urgent, and once writing works they follow the
+    torn fragment on a line of their own, so none is glued to it and lost."""
+    state = StateFile(tmp_path)
+    state.open()
+    seg = {"k": "seg", "id": "s1", "name": "a", "size": 1, "sealed": False, "at": None}
+    lease = {"k": "lease", "t": "t1", "s": "s1", "u": 0, "a": "ro", "c": False}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        state.record(seg)
+        state.before_reply()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (state.journal.stat().st_size + 7, hard))
+        state.record(lease)
+        with pytest.raises(OSError, match="too large"):
+            state.before_reply()
+        assert state.urgent  # no reply may go out
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        state.record({"k": "seal", "id": "s1"})
+        state.before_reply()
+        assert not state.urgent
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        state.close()
+    loaded = StateFile(tmp_path).load()
+    assert set(loaded.leases) == {"t1"}
+    assert loaded.segments["s1"]["sealed"] is True

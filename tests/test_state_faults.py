@@ -85,39 +85,44 @@ def test_failing_snapshots_fail_no_request_and_are_tried_again() -> None:
 
 def test_a_release_that_fails_after_its_reply_is_answered_once() -> None:
     """The last lease of a ttl segment: answered first, then the ttl countdown is
-    journaled, which fails here; the failure is logged, not answered again."""
+    journaled, which fails here; the failure is logged, not answered again.
+    While the journal cannot be written, every reply that would report what
+    is not on file is a refusal with the write's errno (and no fd, no lease
+    left); once it can, what waited is written first and all goes on."""
     d = DaemonProc({"reclaim_window": 0.5})
     d.start()
     raw = Raw(d.socket)
+    journal = d.root / "state" / "journal.jsonl"
     try:
         reply, _ = _call(raw, 1, "create", name="sf/t", size=4096, lifetime="ttl", ttl=60)
         assert reply["ok"], reply
-        journal = d.root / "state" / "journal.jsonl"
         _immutable(journal, True)
         raw.send(encode({"id": 2, "op": "release", "lease": reply["lease"]}))
         reply, _ = raw.recv()
         assert reply == {"id": 2, "ok": True}
         _no_more_replies(raw)
-        assert "failed after its reply" in d.log()
-        # still serving, and a request needing the journal gets a clear error
-        reply, _ = _call(raw, 3, "stat", name="sf/t")
-        assert reply["ok"]
-        assert reply["segment"]["leases"] == 0
-        reply, fds = _call(raw, 4, "open", name="sf/t")
-        assert not fds
-        assert reply["ok"] is False
-        assert reply["error"]["code"] == "EPERM", reply
-        reply, _ = _call(raw, 5, "stat", name="sf/t")
-        assert reply["segment"]["leases"] == 0  # the refused grant left no lease
+        eventually(lambda: "failed after its reply" in d.log())
         fd_count = d.fd_count()
-        for rid in range(6, 56):
-            _call(raw, rid, "open", name="sf/t")
+        for rid in range(3, 53):
+            reply, fds = _call(raw, rid, "open", name="sf/t")
+            assert not fds
+            assert reply["ok"] is False
+            assert reply["error"]["code"] == "EPERM", reply
         assert d.fd_count() == fd_count  # no fd left behind by a refused grant
         _immutable(journal, False)
-        assert _call(raw, 60, "delete", name="sf/t")[0]["ok"]
+        reply, _ = _call(raw, 60, "stat", name="sf/t")
+        assert reply["ok"], reply
+        assert reply["segment"]["leases"] == 0  # the refused grants left no lease
     finally:
         raw.close()
-        _immutable(d.root / "state" / "journal.jsonl", False)
+        _immutable(journal, False)
+    try:
+        d.kill()
+        d.start()  # what waited was written: the countdown runs, no lease is held
+        with Broker(d.socket) as b:
+            assert b.stat("sf/t").leases == 0
+            b.delete("sf/t")
+    finally:
         d.cleanup()
 
 
@@ -125,3 +130,34 @@ def _immutable(path: Path, on: bool) -> None:
     done = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True)
     if done.returncode and on:
         pytest.skip(f"chattr +i not possible here: {done.stderr.decode().strip()}")
+
+
+def test_no_reply_reports_what_a_failed_write_left_off_file() -> None:
+    """A waiter is woken by a create while the journal cannot be written: the
+    waiter's grant fails first; the creator must not then be told ok (its
+    segment's record is still not on file), and each gets one reply."""
+    d = DaemonProc({"reclaim_window": 0.5})
+    d.start()
+    journal = d.root / "state" / "journal.jsonl"
+    a, b = Raw(d.socket), Raw(d.socket)
+    try:
+        b.send(encode({"id": 1, "op": "open", "name": "sf/w", "wait": 5}))
+        assert _call(a, 1, "hello")[0]["ok"]  # b's open is waiting by now
+        _immutable(journal, True)
+        created, fds = _call(a, 2, "create", name="sf/w", size=4096, lifetime="persistent")
+        assert created["ok"] is False, created
+        assert created["error"]["code"] == "EPERM"
+        assert not fds
+        woken, fds = b.recv()
+        assert woken["id"] == 1
+        assert woken["ok"] is False, woken
+        assert not fds
+        _no_more_replies(a)
+        _no_more_replies(b)
+        _immutable(journal, False)
+        assert _call(a, 3, "hello")[0]["ok"]
+    finally:
+        a.close()
+        b.close()
+        _immutable(journal, False)
+        d.cleanup()
