@@ -501,9 +501,15 @@ class Server:
     def run_effects(self) -> None:
         """Carry out what the registry queued, then persist its journal."""
         registry = self.registry
+        failed: Exception | None = None
         while registry.effects:
             for eff in registry.drain():
-                self._effect(eff)
+                try:
+                    self._effect(eff)
+                except Exception as exc:  # the others are carried out all the same
+                    failed = failed or exc
+        if failed is not None:
+            raise failed
         self._journal.before_reply()
         if not self._batching:
             self._replies_sent()
@@ -564,12 +570,13 @@ class Server:
         self._run_effects_logged("wait timeout")
 
     def _run_effects_logged(self, what: str) -> None:
-        """For what no request waits on: a journal that cannot be written is logged
-        (its records stay buffered, written first once it can be)."""
+        """For what no request waits on: a failure (an unlink refused, a journal
+        that cannot be written: its records stay, written first once it can be)
+        is logged; every effect was tried."""
         try:
             self.run_effects()
         except OSError as exc:
-            log.error("%s: state not written: %s", what, exc)
+            log.error("%s: %s", what, exc)
 
     # -- write -----------------------------------------------------------------
 
@@ -587,10 +594,7 @@ class Server:
             self._enqueue(conn, payload, fds)
             return
         try:
-            if fds:
-                conn.sock.sendmsg([payload], [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))])
-            else:
-                conn.sock.send(payload)
+            _sendmsg(conn.sock, payload, fds)
         except BlockingIOError:
             self._enqueue(conn, payload, fds)
             return
@@ -598,8 +602,7 @@ class Server:
             _close_all(fds)
             self._close(conn, f"send failed: {exc.strerror}")
             return
-        for fd in fds:
-            os.close(fd)
+        _close_all(fds)
 
     def _enqueue(self, conn: Connection, payload: bytes, fds: list[int]) -> None:
         assert self._loop is not None

@@ -161,3 +161,29 @@ def test_no_reply_reports_what_a_failed_write_left_off_file() -> None:
         b.close()
         _immutable(journal, False)
         d.cleanup()
+
+
+def test_an_effect_that_fails_does_not_drop_the_others() -> None:
+    """A client holding two refcount segments goes away: both are unlinked in one
+    batch of effects. One object cannot be unlinked (immutable): the other still is."""
+    d = DaemonProc({"reclaim_window": 0.5})
+    d.start()
+    try:
+        for stuck in (0, 1):  # whichever of the two the batch meets first
+            with Broker(d.socket) as b:
+                segs = [b.create(f"sf/r{i}", 4096) for i in range(2)]
+                paths = [Path(f"/dev/shm/{d.prefix}{s.id}") for s in segs]
+                _immutable(paths[stuck], True)
+                try:
+                    b.close()  # the disconnect ends both leases at once
+                    eventually(lambda p=paths[1 - stuck]: not p.exists())
+                    assert "disconnect: " in d.log()
+                finally:
+                    _immutable(paths[stuck], False)
+                    paths[stuck].unlink(missing_ok=True)
+                for s in segs:
+                    s.close()
+        with Broker(d.socket) as b:
+            assert list(b.list("sf/")) == []
+    finally:
+        d.cleanup()
