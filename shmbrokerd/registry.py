@@ -594,6 +594,12 @@ class Registry:
             self._publish("sealed", seg, peer)
         return seg
 
+    def abandon(self, seg: SegmentRecord) -> None:
+        """Take back a segment just created whose creation the edge could not
+        answer (it could not be put on file): as if it had never been made."""
+        if seg.live:
+            self._remove(seg, "deleted", None)
+
     def delete(self, peer: Peer, name: str) -> None:
         seg = self._live(name)
         self._require(peer, seg, "w", "delete")

@@ -371,12 +371,19 @@ class Server:
     def _op_create(self, conn: Connection, req: wire.Create) -> None:
         now = time.time()
         decision = self.registry.check_create(conn.peer, req, now)
-        if isinstance(decision, CreatePlan):
-            self.store.create(decision.segment_id, req.size, decision.backing)
-            decision = self.registry.commit_create(decision, now)
-            if decision.segment.backing == "memfd":
-                self._memfd_created(decision.segment.id)
-        self._send_grant(conn, req.id, decision)
+        if not isinstance(decision, CreatePlan):  # exist_ok: the segment there already
+            self._send_grant(conn, req.id, decision)
+            return
+        self.store.create(decision.segment_id, req.size, decision.backing)
+        grant = self.registry.commit_create(decision, now)
+        if grant.segment.backing == "memfd":
+            self._memfd_created(grant.segment.id)
+        try:
+            self._send_grant(conn, req.id, grant)
+        except OSError:  # not on file, so refused: the segment goes too, its name is free
+            self.registry.abandon(grant.segment)
+            self._run_effects_logged("refused create")
+            raise
 
     def _op_open(self, conn: Connection, req: wire.Open) -> None:
         assert self._loop is not None

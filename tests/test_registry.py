@@ -503,6 +503,21 @@ def test_seal_then_rw_open_is_eperm_and_ro_is_fine() -> None:
     assert reg.leases[g.lease].access == "rw"
 
 
+def test_abandon_takes_back_a_segment_as_if_never_made() -> None:
+    reg = make_registry()
+    peer = make_peer(reg)
+    g = create(reg, peer, lifetime="persistent")
+    reg.drain()
+    reg.release(peer, g.lease, T0)
+    reg.abandon(g.segment)
+    assert "s" not in reg.segments
+    assert any(isinstance(e, Unlink) and e.segment is g.segment for e in reg.drain())
+    assert reg.total_bytes == 0
+    reg.abandon(g.segment)  # gone already: nothing more
+    assert not reg.drain()
+    create(reg, peer)  # the name is free
+
+
 def test_seal_drops_the_cached_encoding_of_the_segment() -> None:
     reg = make_registry()
     peer = make_peer(reg)

@@ -8,6 +8,8 @@ import os
 import resource
 import socket
 
+from shmbroker import Broker
+
 from .helpers import DaemonProc
 
 COUNT = 100_000
@@ -36,7 +38,9 @@ def test_hundred_thousand_segments_without_an_fd_each() -> None:
     d = DaemonProc({"max_segments": COUNT, "log_level": "warning"})
     try:
         d.start()
-        base = d.fd_count()
+        with Broker(d.socket) as b:  # once answered, start-up (events socket...) is done
+            b.hello()
+            base = d.fd_count()  # with this one connection, as during the run
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
             sock.connect(d.socket)
             rid = 0

@@ -187,3 +187,41 @@ def test_an_effect_that_fails_does_not_drop_the_others() -> None:
             assert list(b.list("sf/")) == []
     finally:
         d.cleanup()
+
+
+def test_a_refused_create_leaves_no_segment() -> None:
+    """A create whose records cannot be put on file is refused, and undone: the
+    name stays free and no object is left in /dev/shm."""
+    d = DaemonProc({"reclaim_window": 0.5})
+    d.start()
+    journal = d.root / "state" / "journal.jsonl"
+    raw = Raw(d.socket)
+    try:
+        _immutable(journal, True)
+        for lifetime in ("persistent", "refcount", "owner"):
+            reply, fds = _call(
+                raw, 1, "create", name=f"sf/{lifetime}", size=4096, lifetime=lifetime
+            )
+            assert not fds
+            assert reply["ok"] is False
+            assert reply["error"]["code"] == "EPERM", reply
+        eventually(lambda: d.objects() == [])
+        _immutable(journal, False)
+        for lifetime in ("persistent", "refcount", "owner"):
+            reply, fds = _call(
+                raw, 2, "create", name=f"sf/{lifetime}", size=4096, lifetime=lifetime
+            )
+            assert reply["ok"], reply  # the name was free
+            for fd in fds:
+                os.close(fd)
+            assert _call(raw, 3, "delete", name=f"sf/{lifetime}")[0]["ok"]
+    finally:
+        raw.close()
+        _immutable(journal, False)
+    try:
+        d.kill()
+        d.start()
+        with Broker(d.socket) as b:
+            assert list(b.list("sf/")) == []
+    finally:
+        d.cleanup()
