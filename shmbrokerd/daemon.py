@@ -339,8 +339,7 @@ class Daemon:
         if self._lag is not None:
             self._lag.cancel()
         try:
-            self.state.flush()
-            if self.state.dirty:
+            if self.state.dirty:  # what is buffered counts: compact writes it first
                 self.state.compact(self.registry.records())
         except OSError as exc:  # say so, and stop all the same
             log.error("state not saved at stop: %s", exc)

@@ -496,7 +496,7 @@ class Registry:
         return token
 
     def release(self, peer: Peer, token: str, now: float) -> None:
-        self.release_removes(peer, token)
+        self._held(peer, token)
         self._end_lease(token, peer, now)
 
     def release_removes(self, peer: Peer, token: str) -> bool:
@@ -508,10 +508,14 @@ class Registry:
         first: when its reply arrives, the name is free.  Raises ``ENOENT``
         for a lease this peer does not hold, as :meth:`release` does.
         """
-        if token not in peer.leases:
-            raise _refuse(errno.ENOENT, "no such lease on this connection")
+        self._held(peer, token)
         seg = self.leases[token].segment
         return seg.live and self._ends_segment(seg, token, len(seg.leases) - 1)
+
+    @staticmethod
+    def _held(peer: Peer, token: str) -> None:
+        if token not in peer.leases:
+            raise _refuse(errno.ENOENT, "no such lease on this connection")
 
     @staticmethod
     def _ends_segment(seg: SegmentRecord, token: str, left: int) -> bool:

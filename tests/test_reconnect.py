@@ -138,38 +138,30 @@ def test_a_journal_holding_only_a_torn_record_does_not_swallow_the_next() -> Non
         d.cleanup()
 
 
-def test_a_release_is_on_file_soon_after_its_reply() -> None:
+def test_a_release_is_on_file_soon_after_its_reply(restartable: DaemonProc) -> None:
     """An unlease may trail its reply (JOURNAL_LAG), not wait for the next write."""
-    d = DaemonProc({"reclaim_window": 20.0})
+    d = restartable
+    with Broker(d.socket) as b:
+        b.create("lag/keep", 4096, lifetime="persistent").close()
+        b.open("lag/keep").close()
+        time.sleep(JOURNAL_LAG + 0.5)  # idle: nothing else would write it
+        journal = (d.root / "state" / "journal.jsonl").read_text().splitlines()
+        assert json.loads(journal[-1])["k"] == "unlease"
+    d.kill()
     d.start()
-    try:
-        with Broker(d.socket) as b:
-            b.create("lag/keep", 4096, lifetime="persistent").close()
-            b.open("lag/keep").close()
-            time.sleep(JOURNAL_LAG + 0.5)  # idle: nothing else would write it
-            journal = (d.root / "state" / "journal.jsonl").read_text().splitlines()
-            assert json.loads(journal[-1])["k"] == "unlease"
-        d.kill()
-        d.start()
-        with Broker(d.socket) as b:  # no lease left to reclaim for 20 s
-            assert b.stat("lag/keep").leases == 0
-            b.delete("lag/keep")
-    finally:
-        d.cleanup()
+    with Broker(d.socket) as b:  # no lease left to reclaim for 20 s
+        assert b.stat("lag/keep").leases == 0
+        b.delete("lag/keep")
 
 
-def test_a_stop_right_after_a_release_keeps_it() -> None:
+def test_a_stop_right_after_a_release_keeps_it(restartable: DaemonProc) -> None:
     """SIGTERM within JOURNAL_LAG of a release: the stop writes what trails."""
-    d = DaemonProc({"reclaim_window": 20.0})
+    d = restartable
+    with Broker(d.socket) as b:
+        b.create("lag/stop", 4096, lifetime="persistent").close()
+        b.open("lag/stop").close()
+        assert d.stop() == 0  # at once: the lag timer is still pending
     d.start()
-    try:
-        with Broker(d.socket) as b:
-            b.create("lag/stop", 4096, lifetime="persistent").close()
-            b.open("lag/stop").close()
-            assert d.stop() == 0  # at once: the lag timer is still pending
-        d.start()
-        with Broker(d.socket) as b:  # nothing left to reclaim
-            assert b.stat("lag/stop").leases == 0
-            b.delete("lag/stop")
-    finally:
-        d.cleanup()
+    with Broker(d.socket) as b:  # nothing left to reclaim
+        assert b.stat("lag/stop").leases == 0
+        b.delete("lag/stop")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 from shmbroker import Broker
 from shmbrokerd.daemon import JOURNAL_LAG
 
-from .helpers import DaemonProc, eventually
+from .helpers import DaemonProc, eventually, running_daemon
 from .test_hostile import Raw, encode
 
 
@@ -42,11 +43,19 @@ def _call(raw: Raw, rid: int, op: str, **params: Any) -> tuple[dict[str, Any], l
     return reply, fds
 
 
+@pytest.fixture
+def d() -> Iterator[DaemonProc]:
+    with running_daemon({"reclaim_window": 0.5}) as daemon:
+        yield daemon
+
+
+def _journal(d: DaemonProc) -> Path:
+    return d.root / "state" / "journal.jsonl"
+
+
 def test_failing_snapshots_fail_no_request_and_are_tried_again() -> None:
-    d = DaemonProc({"state_compact_after": 4, "reclaim_window": 0.5})
-    d.start()
-    squatter = d.root / "state" / "state.tmp"
-    try:
+    with running_daemon({"state_compact_after": 4, "reclaim_window": 0.5}) as d:
+        squatter = d.root / "state" / "state.tmp"
         squatter.mkdir()
         raw = Raw(d.socket)
         try:
@@ -79,20 +88,16 @@ def test_failing_snapshots_fail_no_request_and_are_tried_again() -> None:
         with Broker(d.socket) as b:
             assert b.stat("sf/a").leases == 0
             b.delete("sf/a")
-    finally:
-        d.cleanup()
 
 
-def test_a_release_that_fails_after_its_reply_is_answered_once() -> None:
+def test_a_release_that_fails_after_its_reply_is_answered_once(d: DaemonProc) -> None:
     """The last lease of a ttl segment: answered first, then the ttl countdown is
     journaled, which fails here; the failure is logged, not answered again.
     While the journal cannot be written, every reply that would report what
     is not on file is a refusal with the write's errno (and no fd, no lease
     left); once it can, what waited is written first and all goes on."""
-    d = DaemonProc({"reclaim_window": 0.5})
-    d.start()
     raw = Raw(d.socket)
-    journal = d.root / "state" / "journal.jsonl"
+    journal = _journal(d)
     try:
         reply, _ = _call(raw, 1, "create", name="sf/t", size=4096, lifetime="ttl", ttl=60)
         assert reply["ok"], reply
@@ -116,14 +121,11 @@ def test_a_release_that_fails_after_its_reply_is_answered_once() -> None:
     finally:
         raw.close()
         _immutable(journal, False)
-    try:
-        d.kill()
-        d.start()  # what waited was written: the countdown runs, no lease is held
-        with Broker(d.socket) as b:
-            assert b.stat("sf/t").leases == 0
-            b.delete("sf/t")
-    finally:
-        d.cleanup()
+    d.kill()
+    d.start()  # what waited was written: the countdown runs, no lease is held
+    with Broker(d.socket) as b:
+        assert b.stat("sf/t").leases == 0
+        b.delete("sf/t")
 
 
 def _immutable(path: Path, on: bool) -> None:
@@ -132,13 +134,11 @@ def _immutable(path: Path, on: bool) -> None:
         pytest.skip(f"chattr +i not possible here: {done.stderr.decode().strip()}")
 
 
-def test_no_reply_reports_what_a_failed_write_left_off_file() -> None:
+def test_no_reply_reports_what_a_failed_write_left_off_file(d: DaemonProc) -> None:
     """A waiter is woken by a create while the journal cannot be written: the
     waiter's grant fails first; the creator must not then be told ok (its
     segment's record is still not on file), and each gets one reply."""
-    d = DaemonProc({"reclaim_window": 0.5})
-    d.start()
-    journal = d.root / "state" / "journal.jsonl"
+    journal = _journal(d)
     a, b = Raw(d.socket), Raw(d.socket)
     try:
         b.send(encode({"id": 1, "op": "open", "name": "sf/w", "wait": 5}))
@@ -160,41 +160,33 @@ def test_no_reply_reports_what_a_failed_write_left_off_file() -> None:
         a.close()
         b.close()
         _immutable(journal, False)
-        d.cleanup()
 
 
-def test_an_effect_that_fails_does_not_drop_the_others() -> None:
+def test_an_effect_that_fails_does_not_drop_the_others(d: DaemonProc) -> None:
     """A client holding two refcount segments goes away: both are unlinked in one
     batch of effects. One object cannot be unlinked (immutable): the other still is."""
-    d = DaemonProc({"reclaim_window": 0.5})
-    d.start()
-    try:
-        for stuck in (0, 1):  # whichever of the two the batch meets first
-            with Broker(d.socket) as b:
-                segs = [b.create(f"sf/r{i}", 4096) for i in range(2)]
-                paths = [Path(f"/dev/shm/{d.prefix}{s.id}") for s in segs]
-                _immutable(paths[stuck], True)
-                try:
-                    b.close()  # the disconnect ends both leases at once
-                    eventually(lambda p=paths[1 - stuck]: not p.exists())
-                    assert "disconnect: " in d.log()
-                finally:
-                    _immutable(paths[stuck], False)
-                    paths[stuck].unlink(missing_ok=True)
-                for s in segs:
-                    s.close()
+    for stuck in (0, 1):  # whichever of the two the batch meets first
         with Broker(d.socket) as b:
-            assert list(b.list("sf/")) == []
-    finally:
-        d.cleanup()
+            segs = [b.create(f"sf/r{i}", 4096) for i in range(2)]
+            paths = [Path(f"/dev/shm/{d.prefix}{s.id}") for s in segs]
+            _immutable(paths[stuck], True)
+            try:
+                b.close()  # the disconnect ends both leases at once
+                eventually(lambda p=paths[1 - stuck]: not p.exists())
+                assert "disconnect: " in d.log()
+            finally:
+                _immutable(paths[stuck], False)
+                paths[stuck].unlink(missing_ok=True)
+            for s in segs:
+                s.close()
+    with Broker(d.socket) as b:
+        assert list(b.list("sf/")) == []
 
 
-def test_a_refused_create_leaves_no_segment() -> None:
+def test_a_refused_create_leaves_no_segment(d: DaemonProc) -> None:
     """A create whose records cannot be put on file is refused, and undone: the
     name stays free and no object is left in /dev/shm."""
-    d = DaemonProc({"reclaim_window": 0.5})
-    d.start()
-    journal = d.root / "state" / "journal.jsonl"
+    journal = _journal(d)
     raw = Raw(d.socket)
     try:
         _immutable(journal, True)
@@ -218,10 +210,7 @@ def test_a_refused_create_leaves_no_segment() -> None:
     finally:
         raw.close()
         _immutable(journal, False)
-    try:
-        d.kill()
-        d.start()
-        with Broker(d.socket) as b:
-            assert list(b.list("sf/")) == []
-    finally:
-        d.cleanup()
+    d.kill()
+    d.start()
+    with Broker(d.socket) as b:
+        assert list(b.list("sf/")) == []
