@@ -22,11 +22,17 @@ def main() -> int:
     root.chmod(0o755)
     sock = root / "shmbroker.sock"
     env = {**os.environ, "SHMBROKER_SOCKET": str(sock)}
+    # A prefix of its own: a daemon removes the objects under its prefix that
+    # it has no record of, and a real shmbrokerd may use the default one.
+    config = root / "demo.toml"
+    config.write_text(f'shm_prefix = "shmbroker-demo-{os.getpid()}."\n')
     daemon = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "shmbrokerd",
+            "--config",
+            str(config),
             "--socket",
             str(sock),
             "--state-dir",
@@ -43,8 +49,16 @@ def main() -> int:
             time.sleep(0.05)
         os.chmod(sock, 0o666)  # let `nobody` connect in this demo
         producer = subprocess.Popen(
-            [sys.executable, str(HERE / "producer.py")], env=env, stdin=subprocess.PIPE, text=True
+            [sys.executable, str(HERE / "producer.py")],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
+        assert producer.stdout is not None
+        # The consumer starts once the producer has written and said so: its
+        # line is whole before the consumer's, and the consumer reads the data.
+        print(producer.stdout.readline(), end="", flush=True)
         as_nobody = (
             {"user": "nobody", "group": "nogroup", "extra_groups": []} if os.geteuid() == 0 else {}
         )
@@ -54,6 +68,7 @@ def main() -> int:
         assert producer.stdin is not None
         producer.stdin.write("\n")
         producer.stdin.close()
+        sys.stdout.write(producer.stdout.read())
         producer.wait()
         return consumer.returncode or producer.returncode
     finally:

@@ -30,11 +30,21 @@ def _children(pid: int) -> set[int]:
     return kids
 
 
+def _shm_id() -> str:
+    st = os.stat("/dev/shm")
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+#: True inside tests/run-isolated (make test): /dev/shm is this run's own
+#: tmpfs, so every entry a test leaves is a leak and may be removed.
+PRIVATE_SHM = os.environ.get("SHMBROKER_PRIVATE_SHM") == _shm_id()
+
+
 def _ours(name: str) -> bool:
-    """Entries of daemons we started, or anything not from a test or bench
-    daemon at all (another run on this machine may have daemons of its own,
-    all under prefixes starting "sb")."""
-    return not name.startswith("sb") or name.startswith(tuple(PREFIXES))
+    """Entries the leak check may count and remove: all of them in a private
+    /dev/shm; on the host's (pytest run by hand), only those of the daemons
+    this process started: never another program's objects."""
+    return PRIVATE_SHM or name.startswith(tuple(PREFIXES))
 
 
 @pytest.fixture(autouse=True)

@@ -27,6 +27,9 @@ host resources, each met in practice:
   would otherwise copy the host's kernel log into the sandbox journal.
 * ``/proc/cmdline`` is empty: systemd and its generators read the host's
   kernel command line (``systemd.unit=``, ``emergency``, ``systemd.run=``...).
+* ``systemd-journald-dev-log.socket`` gets a drop-in with an empty
+  ``Symlinks=``: its ``Symlinks=/dev/log`` would create ``/dev/log`` in the
+  host's ``/dev`` (a dangling link to a socket that exists only inside).
 * ``dev-hugepages.mount`` and ``dev-mqueue.mount`` are masked too (any unit
   with default dependencies pulls them in): their mount points would be
   created in the host's ``/dev``.
@@ -68,6 +71,7 @@ import select
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -83,6 +87,7 @@ __all__ = [
     "SandboxCommandError",
     "SandboxError",
     "SystemdSandbox",
+    "host_dev_intruders",
     "sandbox_available",
 ]
 
@@ -160,6 +165,39 @@ _NSENTER_NS = ("-m", "-p", "-n", "-u", "-i")
 _TAIL = 4000
 _REQUIRED_TOOLS = ("unshare", "nsenter", "setpriv", "mount", "umount", "mountpoint", "bash")
 _CAP_SYS_ADMIN = 21
+
+
+#: The host's /dev entries before this process booted its first sandbox: what
+#: later boots are compared against, so a leak is seen even on the first run.
+_host_dev_before: frozenset[str] | None = None
+
+
+def _note_host_dev() -> None:
+    global _host_dev_before
+    if _host_dev_before is None:
+        _host_dev_before = frozenset(os.listdir("/dev"))
+
+
+def host_dev_intruders() -> list[str]:
+    """What the sandboxes of this process left in the host's ``/dev``.
+
+    Two views, because a leak made by an earlier run is invisible to a
+    before/after comparison: entries added since before the first boot here,
+    and a ``/dev/log`` that is not a live socket (a new machine without a
+    real journald or syslog has none; one left by an old sandbox is a
+    dangling link into ``/run/systemd/journal``, safe to remove).
+    """
+    now = set(os.listdir("/dev"))
+    found = sorted(now - _host_dev_before) if _host_dev_before is not None else []
+    log = Path("/dev/log")
+    if log.is_symlink() or log.exists():
+        try:
+            live = stat.S_ISSOCK(log.stat().st_mode)
+        except OSError:
+            live = False
+        if not live and "log" not in found:
+            found.append("log")
+    return found
 
 
 class SandboxError(RuntimeError):
@@ -288,6 +326,7 @@ class SystemdSandbox:
 
     def _start(self) -> None:
         self._lock()
+        _note_host_dev()
         _remove_stale_cgroups()
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "ns").mkdir(exist_ok=True)
@@ -658,6 +697,9 @@ def _boot_script(
         "mkdir -p /etc/systemd/journald.conf.d",
         "printf '[Journal]\\nStorage=volatile\\nReadKMsg=no\\n'"
         " > /etc/systemd/journald.conf.d/sandbox.conf",
+        # An empty Symlinks= resets the list: /dev/log would land in the host's /dev.
+        "mkdir -p $S/systemd-journald-dev-log.socket.d",
+        "printf '[Socket]\\nSymlinks=\\n' > $S/systemd-journald-dev-log.socket.d/sandbox.conf",
     ]
     # 7. The binds, back at their own paths.
     for i, path in enumerate(binds):
