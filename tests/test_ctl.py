@@ -104,14 +104,17 @@ def short_dir() -> Iterator[str]:
 @pytest.fixture
 def foreign_client(daemon: DaemonProc) -> Iterator[subprocess.Popen[str]]:
     """A client of the other user holding two leases on ``c/held`` until killed."""
-    code = DROP_TO_OTHER + textwrap.dedent(
-        """
+    code = """
         with Broker(SOCK) as b, b.create("c/held", 4096, mode=0o640), b.open("c/held"):
             print("READY")
             time.sleep(60)
         """
-    )
-    with spawn_client(code, daemon.socket) as proc:
+    yield from _other_user_client(daemon, code)
+
+
+def _other_user_client(daemon: DaemonProc, code: str) -> Iterator[subprocess.Popen[str]]:
+    """Run ``code`` as the other user until it prints READY; kill it afterwards."""
+    with spawn_client(DROP_TO_OTHER + textwrap.dedent(code), daemon.socket) as proc:
         try:
             wait_line(proc)
             yield proc
@@ -481,28 +484,18 @@ def test_watch_human_lines_until_sigterm(daemon: DaemonProc) -> None:
 # -- who holds what; dropping a client ------------------------------------------------
 
 
-NAMED_HOLDER = DROP_TO_OTHER + textwrap.dedent(
-    """
-    with Broker(SOCK) as b:
-        b.hello("camera-writer")
-        w = b.create("h/held", 4096, mode=0o644)
-        r = b.open("h/held")
-        print("READY", flush=True)
-        time.sleep(60)
-    """
-)
-
-
 @pytest.fixture
 def named_holder(daemon: DaemonProc) -> Iterator[subprocess.Popen[str]]:
     """A client of the other user, named ``camera-writer``, holding rw and ro leases."""
-    with spawn_client(NAMED_HOLDER, daemon.socket) as proc:
-        try:
-            wait_line(proc)
-            yield proc
-        finally:
-            proc.kill()
-            proc.wait()
+    code = """
+        with Broker(SOCK) as b:
+            b.hello("camera-writer")
+            w = b.create("h/held", 4096, mode=0o644)
+            r = b.open("h/held")
+            print("READY", flush=True)
+            time.sleep(60)
+        """
+    yield from _other_user_client(daemon, code)
 
 
 def test_clients_and_stat_name_the_holders(
