@@ -3,8 +3,11 @@
 Strategy (as aiohttp's runner): each phase is one method, run in order by
 :meth:`Daemon.run`.  Signal handlers are installed in one place and removed
 on the way out.  Shutdown is sequential and bounded: stop accepting, flush
-replies already owed, drop every peer (which releases their leases, so
-``refcount`` and ``owner`` segments are unlinked), close the edges.
+replies already owed, drop every peer (keeping every lease on a live
+segment for reclaim after the restart, as a crash would: a stop is not the
+holders' doing), save the state, close the edges.  One daemon runs per
+``shm_prefix`` (``prefix_lock.py``), taken before anything under it is
+touched.
 """
 
 from __future__ import annotations
@@ -343,7 +346,7 @@ class Daemon:
             loop.remove_signal_handler(sig)
 
     async def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Stop accepting, flush owed replies, end what ends with leases, save state."""
+        """Stop accepting, flush owed replies, keep the held leases, save state."""
         log.info("shutting down")
         self.supervisor.stopping()
         self.supervisor.stop_watchdog()

@@ -19,7 +19,9 @@ records it.  Nothing happens in between (the server is single-threaded).
 The rules, in brief:
 
 * a lease belongs to the connection that got it; only it may release it;
-  a disconnect releases all of them; a lease outlives its segment's deletion;
+  a disconnect releases all of them; a daemon stop keeps every one on a live
+  segment, to be reclaimed after the restart; a lease outlives its segment's
+  deletion;
 * ``persistent``: unlinked only by ``delete``;
 * ``owner``: unlinked when the creating lease ends;
 * ``refcount``: unlinked when the last lease ends;
