@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 
 import pytest
 
-from shmbroker import Broker, BrokerError, SegmentExistsError
+from shmbroker import AsyncBroker, Broker, BrokerError, SegmentExistsError
 
 from .helpers import DaemonProc
 
@@ -78,3 +79,20 @@ def test_stats_count_a_bad_name_under_invalid_as_documented(daemon: DaemonProc) 
         stats = b.stats()
     assert stats.requests.get("create", 0) == 0
     assert (stats.requests["invalid"], stats.errors["invalid"]) == (1, 1)
+
+
+def test_the_async_client_says_the_same(daemon: DaemonProc) -> None:
+    async def scenario() -> None:
+        b = await AsyncBroker.connect(daemon.socket)
+        with await b.create("async/x", 4096) as seg:
+            with pytest.raises(TypeError, match="size must be int, not str"):
+                await b.create("async/y", "10")  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="name must be str, not bytes"):
+                await b.open(b"async/x")  # type: ignore[arg-type]
+            await b.seal("async/x")
+            assert seg.sealed
+            await b.aclose()
+            with pytest.raises(ValueError, match="I/O operation on closed broker"):
+                await b.stat("async/x")
+
+    asyncio.run(scenario())

@@ -279,6 +279,7 @@ class AsyncBroker:
         (await self._call("release", lease=_api.str_param(lease, "lease"))).unwrap()
 
     async def seal(self, name: str) -> wire.Segment:
+        """As :meth:`Broker.seal`: this broker's Segments of it say ``sealed``."""
         info = _api.to_info(await self._call("seal", name=_api.str_param(name, "name")))
         self._leases.sealed(info)
         return info
@@ -290,9 +291,11 @@ class AsyncBroker:
         return _api.to_info(await self._call("stat", name=_api.str_param(name, "name")))
 
     async def holders(self, name: str) -> list[wire.Holder]:
+        """As :meth:`Broker.holders` (``PermissionError`` for non-operators)."""
         return _api.to_holders(await self._call("stat", name=_api.str_param(name, "name")))
 
     async def drop(self, client: int) -> int:
+        """As :meth:`Broker.drop` (operators only; ``ENOENT``: no such client)."""
         result = (await self._call("drop", client=_api.client_param(client))).unwrap()
         assert isinstance(result, wire.DropResult)
         return result.leases
@@ -303,6 +306,7 @@ class AsyncBroker:
         return result.segment
 
     async def reload(self) -> list[str]:
+        """As :meth:`Broker.reload`: the changed keys that wait for a restart."""
         result = (await self._call("reload")).unwrap()
         assert isinstance(result, wire.ReloadResult)
         return result.restart
