@@ -423,9 +423,11 @@ class Server:
         self._send(conn, encode_done(req.id), [])
 
     def _op_stat(self, conn: Connection, req: wire.Stat) -> None:
+        if req.holders:  # an addition: who holds it
+            self._require_operator(conn, "stat with holders")
         seg = self.registry.stat(conn.peer, req.name)
         result: dict[str, Any] = {"segment": seg.describe()}
-        if conn.peer.operator:  # an addition: who holds it
+        if req.holders:
             result["holders"], result["holders_more"] = self.registry.holders(req.name)
         self._send(conn, encode_ok(req.id, result), [])
 

@@ -349,6 +349,8 @@ class Gen:
                 p.codes = _NO_ERROR
         elif op in ("seal", "delete", "stat"):
             req["name"] = self.name()
+            if op == "stat" and rng.random() < 0.3:
+                req["holders"] = rng.random() < 0.7
         elif op == "list":
             if rng.random() < 0.7:
                 req["prefix"] = rng.choice([self.shared.ns, self.shared.ns + "/d", self.name()])
@@ -592,7 +594,7 @@ PARAMS: dict[str, set[str]] = {
     "release": {"lease"},
     "seal": {"name"},
     "delete": {"name"},
-    "stat": {"name"},
+    "stat": {"name", "holders"},
     "list": {"prefix", "after", "limit"},
     "reclaim": {"lease"},
     "reload": set(),
@@ -959,9 +961,8 @@ class Worker(threading.Thread):
             problem = _segment_problem(reply.get("segment"), req.get("name"))
             if not problem and op == "seal" and reply["segment"]["sealed"] is not True:
                 problem = "not sealed after seal"
-            # an operator's stat names the holders too
-            wants = [{"segment"}] if op == "seal" else [{"segment"}, {"segment", *_HOLDERS}]
-            problem = problem or ("unexpected keys" if keys not in wants else "")
+            want = {"segment", *_HOLDERS} if req.get("holders") is True else {"segment"}
+            problem = problem or ("unexpected keys" if keys != want else "")
         elif op == "list":
             problem = _list_problem(reply, req)
         elif op == "clients":

@@ -45,8 +45,7 @@ def test_the_lock_goes_with_the_daemon_and_the_prefix_is_free_again(daemon: Daem
     try:
         again.start("--shm-prefix", daemon.prefix)
         assert os.path.exists(lock)
-        with open(lock) as f:
-            assert f.read().strip() == str(again.pid)
+        assert os.path.getsize(lock) == 0  # no page of a small tmpfs taken
     finally:
         again.cleanup()
         again.prefix = daemon.prefix  # what it left, if anything, under that prefix

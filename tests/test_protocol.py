@@ -88,7 +88,7 @@ VALID: dict[str, dict[str, Any]] = {
     "release": {"lease": "Zm9vYmFyYmF6cXV4cXV1eA"},
     "seal": {"name": "a/b"},
     "delete": {"name": "a/b"},
-    "stat": {"name": "a/b"},
+    "stat": {"name": "a/b", "holders": True},
     "list": {"prefix": "camera/", "after": "camera/back", "limit": 5},
     "reclaim": {"lease": "Zm9vYmFyYmF6cXV4cXV1eA"},
     "reload": {},
@@ -1027,7 +1027,7 @@ _VALID_PARAMS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "release": st.fixed_dictionaries({"lease": _token}),
     "seal": st.fixed_dictionaries({"name": _name}),
     "delete": st.fixed_dictionaries({"name": _name}),
-    "stat": st.fixed_dictionaries({"name": _name}),
+    "stat": st.fixed_dictionaries({"name": _name}, optional={"holders": st.booleans()}),
     "list": st.fixed_dictionaries(
         {},
         optional={

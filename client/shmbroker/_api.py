@@ -161,7 +161,7 @@ def to_info(reply: Reply) -> wire.Segment:
 
 
 def to_holders(reply: Reply) -> list[wire.Holder]:
-    """The holders in a ``stat`` reply; ``EACCES`` if the daemon sent none."""
+    """The holders in a ``stat`` reply (``holders: true``); ``EACCES`` if none came."""
     result = reply.unwrap()
     assert isinstance(result, wire.StatResult)
     if result.holders is None:

@@ -292,7 +292,8 @@ class AsyncBroker:
 
     async def holders(self, name: str) -> list[wire.Holder]:
         """As :meth:`Broker.holders` (``PermissionError`` for non-operators)."""
-        return _api.to_holders(await self._call("stat", name=_api.str_param(name, "name")))
+        reply = await self._call("stat", name=_api.str_param(name, "name"), holders=True)
+        return _api.to_holders(reply)
 
     async def drop(self, client: int) -> int:
         """As :meth:`Broker.drop` (operators only; ``ENOENT``: no such client)."""

@@ -39,6 +39,9 @@ class Held:
         """Forget ``lease``; False if it was not held here (nothing to release)."""
         return self._by_lease.pop(lease, None) is not None
 
+    def __contains__(self, lease: object) -> bool:
+        return lease in self._by_lease
+
     def tokens(self) -> list[str]:
         return list(self._by_lease)
 
@@ -58,6 +61,8 @@ class Held:
 
     def report_lost(self, on_lost: LostCallback | None) -> None:
         """Give each newly lost Segment to ``on_lost`` (outside the broker's lock)."""
+        if not self._lost:  # after every call: the common case costs one test
+            return
         lost, self._lost = self._lost, []
         if on_lost is not None:
             for seg in lost:

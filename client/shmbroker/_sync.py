@@ -316,7 +316,7 @@ class Broker:
 
     def holders(self, name: str) -> list[wire.Holder]:
         """Who holds leases on ``name`` (operators only: ``PermissionError`` otherwise)."""
-        return _api.to_holders(self._call("stat", name=_api.str_param(name, "name")))
+        return _api.to_holders(self._call("stat", name=_api.str_param(name, "name"), holders=True))
 
     def drop(self, client: int) -> int:
         """End client ``client``'s connection as if it had closed it (operators

@@ -146,6 +146,8 @@ class Delete(_Request):
 class Stat(_Request):
     op: Literal["stat"] = "stat"
     name: Name
+    #: an addition (operators only): also list who holds it
+    holders: bool = False
 
 
 class List(_Request):
