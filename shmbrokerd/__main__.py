@@ -24,13 +24,16 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--socket", help="path of the request socket")
     p.add_argument("--state-dir", help="directory for the daemon's state")
     p.add_argument("--events", help="ZeroMQ endpoint of the event stream")
+    p.add_argument(
+        "--shm-prefix", help="prefix of the daemon's objects in /dev/shm (one daemon per prefix)"
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     a = p.parse_args(argv)
     config = a.config
     if config is None:
         env = os.environ.get("SHMBROKERD_CONFIG")
         config = Path(env) if env else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-    return Options(config, a.socket, a.state_dir, a.events, a.log_level)
+    return Options(config, a.socket, a.state_dir, a.events, a.log_level, a.shm_prefix)
 
 
 def main(argv: list[str] | None = None) -> int:

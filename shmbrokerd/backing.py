@@ -23,9 +23,12 @@ from collections.abc import Iterator
 
 from shmbroker.errors import error_from_errno
 
-__all__ = ["SHM_DIR", "Store"]
+__all__ = ["LOCK_NAME", "SHM_DIR", "Store"]
 
 SHM_DIR = "/dev/shm"
+#: the prefix lock's file is ``<prefix>lock`` (prefix_lock.py); never a segment
+#: id, which is hex digits and '-'
+LOCK_NAME = "lock"
 F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1; not exported by Python's fcntl
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -38,6 +41,7 @@ class Store:
         self.shm_dir = shm_dir
         self._base = os.path.join(shm_dir, prefix)
         self._memfds: dict[str, int] = {}
+        self._lock = prefix + LOCK_NAME  # the prefix lock's file (prefix_lock.py)
 
     def path(self, segment_id: str) -> str:
         return f"{self._base}{segment_id}"
@@ -108,7 +112,7 @@ class Store:
         """Segment ids of the shm objects under our prefix (for reconciliation)."""
         with os.scandir(self.shm_dir) as it:
             for entry in it:
-                if entry.name.startswith(self.prefix):
+                if entry.name.startswith(self.prefix) and entry.name != self._lock:
                     yield entry.name[len(self.prefix) :]
 
     def object_size(self, segment_id: str) -> int:

@@ -27,6 +27,7 @@ __all__ = [
     "build_policy",
     "default_runtime_dir",
     "load",
+    "restart_needed",
 ]
 
 DEFAULT_CONFIG = Path("/etc/shmbroker/shmbrokerd.toml")
@@ -90,6 +91,12 @@ class Config(_Strict):
     default_quota_bytes: int = Field(default=0, ge=0)
     default_quota_segments: int = Field(default=0, ge=0)
     log_level: LogLevel = "info"
+
+
+def restart_needed(keys: list[str]) -> str:
+    """What a reload says of changed keys it cannot apply (daemon log and ctl)."""
+    verb = "takes" if len(keys) == 1 else "take"
+    return f"{', '.join(keys)} {verb} effect only on restart; the rest is applied"
 
 
 def default_runtime_dir() -> Path:

@@ -24,11 +24,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from shmbroker import Broker, ClientInfo, Event, SegmentInfo, socket_path
+from shmbroker import Broker, ClientInfo, Event, Holder, SegmentInfo, socket_path
+
+from .config import restart_needed
 
 __all__ = ["build_parser", "format_table", "main"]
 
 PROG = "shmbrokerctl"
+#: ``reload`` applied, but some changed keys wait for a restart
+EXIT_NEEDS_RESTART = 3
 
 Handler = Callable[[Broker, argparse.Namespace], Iterator[str]]
 
@@ -36,14 +40,17 @@ EPILOG = """\
 output:
   Aligned tables by default. With --json (before or after the command):
   list and clients print a JSON array, stat and stats one JSON object, and
-  watch one JSON object per line (JSON Lines), flushed per event. delete and
-  reload print nothing in either form: the exit status says how it went.
+  watch one JSON object per line (JSON Lines), flushed per event. stat
+  adds the holders for operators. delete, drop and reload print nothing on
+  stdout in either form: the exit status says how it went.
 
 exit status:
   0  success (watch: stopped by SIGINT or SIGTERM)
   1  the daemon refused (its errno name and message go to stderr),
      or no daemon listens on the socket
   2  usage error
+  3  reload: the config was reloaded, but some changed keys take effect only
+     when the daemon restarts (named on stderr)
 
 socket, first that applies:
   --socket PATH; $SHMBROKER_SOCKET; /run/shmbroker/shmbroker.sock if it
@@ -53,6 +60,10 @@ socket, first that applies:
 
 class CtlError(Exception):
     """A failure already phrased for the operator."""
+
+
+class _NeedsRestart(Exception):
+    """``reload`` applied what it could; these keys wait for a restart."""
 
 
 class _Stopped(Exception):
@@ -135,7 +146,8 @@ def _dump(model: BaseModel) -> dict[str, Any]:
 # -- commands ------------------------------------------------------------------
 
 LIST_HEADER = ("NAME", "SIZE", "LIFETIME", "TTL", "MODE", "OWNER", "LEASES", "SEALED", "BACKING")
-CLIENTS_HEADER = ("ID", "PID", "UID", "GID", "LEASES", "CONNECTED")
+CLIENTS_HEADER = ("ID", "PID", "UID", "GID", "LEASES", "CONNECTED", "NAME")
+HOLDERS_HEADER = ("CLIENT", "PID", "UID", "ACCESS", "LEASES", "NAME")
 OPS_HEADER = ("OP", "REQUESTS", "ERRORS")
 
 
@@ -161,10 +173,27 @@ def cmd_list(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
         yield format_table(map(_segment_row, segments), LIST_HEADER)
 
 
+def _holders(broker: Broker, name: str) -> list[Holder] | None:
+    """The holders, for an operator; None for anyone else."""
+    try:
+        return broker.holders(name)
+    except PermissionError:
+        return None
+
+
+def _holder_row(h: Holder) -> tuple[str, ...]:
+    client = "-" if h.client is None else str(h.client)  # awaiting reclaim
+    return (client, _or_dash(h.pid), str(h.uid), h.access, str(h.leases), h.name or "-")
+
+
 def cmd_stat(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
     seg = broker.stat(args.name)
+    holders = _holders(broker, args.name)
     if args.json:
-        yield _json(_dump(seg))
+        out = _dump(seg)
+        if holders is not None:
+            out["holders"] = [_dump(h) for h in holders]
+        yield _json(out)
         return
     rows = [
         ("name:", seg.name),
@@ -180,6 +209,8 @@ def cmd_stat(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
         ("created:", _timestamp(seg.created)),
     ]
     yield format_table(rows)
+    if holders is not None:
+        yield "\n" + format_table(map(_holder_row, holders), HOLDERS_HEADER)
 
 
 def cmd_delete(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
@@ -188,13 +219,20 @@ def cmd_delete(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
 
 
 def cmd_reload(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
-    broker.reload()
+    restart = broker.reload()
+    if restart:
+        raise _NeedsRestart(restart_needed(restart))
+    yield from ()
+
+
+def cmd_drop(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
+    broker.drop(args.client)
     yield from ()
 
 
 def _client_row(client: ClientInfo, now: float) -> tuple[str, ...]:
     numbers = (client.id, client.pid, client.uid, client.gid, client.leases)
-    return (*map(str, numbers), human_duration(now - client.connected))
+    return (*map(str, numbers), human_duration(now - client.connected), client.name or "-")
 
 
 def cmd_clients(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
@@ -297,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
         "prefix", nargs="?", default="", metavar="PREFIX", help="only names starting with PREFIX"
     )
     _command(subs, "reload", cmd_reload, "re-read the daemon's config (operators; prints nothing)")
+    _command(
+        subs, "drop", cmd_drop, "end a client's connection; its leases end (operators)"
+    ).add_argument("client", type=int, metavar="ID", help="the client's id, as clients shows")
     return parser
 
 
@@ -339,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     except CtlError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
+    except _NeedsRestart as exc:
+        print(f"{PROG}: reloaded, but {exc}", file=sys.stderr)
+        return EXIT_NEEDS_RESTART
     except _Stopped:
         return 0
     except _OutputClosed:

@@ -3,8 +3,11 @@
 Strategy (as aiohttp's runner): each phase is one method, run in order by
 :meth:`Daemon.run`.  Signal handlers are installed in one place and removed
 on the way out.  Shutdown is sequential and bounded: stop accepting, flush
-replies already owed, drop every peer (which releases their leases, so
-``refcount`` and ``owner`` segments are unlinked), close the edges.
+replies already owed, drop every peer (keeping every lease on a live
+segment for reclaim after the restart, as a crash would: a stop is not the
+holders' doing), save the state, close the edges.  One daemon runs per
+``shm_prefix`` (``prefix_lock.py``), taken before anything under it is
+touched.
 """
 
 from __future__ import annotations
@@ -28,8 +31,16 @@ from shmbroker import wire
 
 from . import __version__
 from .backing import Store
-from .config import Config, ConfigError, build_policy, default_runtime_dir, load
+from .config import (
+    Config,
+    ConfigError,
+    build_policy,
+    default_runtime_dir,
+    load,
+    restart_needed,
+)
 from .events import EventPublisher, ipc_endpoint_for
+from .prefix_lock import PrefixLock
 from .registry import Limits, Registry, SegmentRecord
 from .server import Server, ServerLimits
 from .state import StateFile
@@ -55,6 +66,7 @@ class Options:
     state_dir: str | None = None
     events: str | None = None
     log_level: str | None = None
+    shm_prefix: str | None = None
 
     def overrides(self) -> dict[str, object]:
         return {
@@ -62,6 +74,7 @@ class Options:
             "state_dir": self.state_dir,
             "events": self.events,
             "log_level": self.log_level,
+            "shm_prefix": self.shm_prefix,
         }
 
 
@@ -103,9 +116,13 @@ class Daemon:
         loop = asyncio.get_running_loop()
         handover = self.supervisor.take_fds()
         self._prepare()
-        self._recover(handover.memfds)
-        self.socket_from_systemd = handover.listener is not None
-        listener = handover.listener or self._bind()
+        try:
+            self._recover(handover.memfds)
+            self.socket_from_systemd = handover.listener is not None
+            listener = handover.listener or self._bind()
+        except BaseException:  # not started: the prefix is free for another try
+            self.prefix_lock.release()
+            raise
         self.events = EventPublisher(
             self.events_endpoint, self.config.events_hwm, defer=loop.call_soon
         )
@@ -138,6 +155,9 @@ class Daemon:
         cfg = self.config
         Path(self.socket_path).parent.mkdir(parents=True, exist_ok=True)
         self.store = Store(cfg.shm_prefix)
+        # before anything under the prefix is looked at (_recover unlinks orphans)
+        self.prefix_lock = PrefixLock(self.store.shm_dir, cfg.shm_prefix)
+        self.prefix_lock.acquire()
         self.state = StateFile(self.state_dir, cfg.state_compact_after)
         self.registry = Registry(
             self._limits(cfg),
@@ -326,7 +346,7 @@ class Daemon:
             loop.remove_signal_handler(sig)
 
     async def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Stop accepting, flush owed replies, end what ends with leases, save state."""
+        """Stop accepting, flush owed replies, keep the held leases, save state."""
         log.info("shutting down")
         self.supervisor.stopping()
         self.supervisor.stop_watchdog()
@@ -348,6 +368,7 @@ class Daemon:
         loop.remove_reader(self.events.fileno())
         self.events.close()
         self.store.close()
+        self.prefix_lock.release()
         log.info("stopped")
 
     # -- services the server calls -------------------------------------------------
@@ -376,8 +397,12 @@ class Daemon:
             "events": self.events_endpoint,
         }
 
-    def reload(self) -> None:
-        """Re-read the config; on error keep the old one and raise ConfigError."""
+    def reload(self) -> list[str]:
+        """Re-read the config; on error keep the old one and raise ConfigError.
+
+        Returns the changed keys that take effect only on restart (the rest
+        is applied).
+        """
         try:
             cfg = self._load()
             admin_gid = _gid(cfg.admin_group)
@@ -396,7 +421,7 @@ class Daemon:
         )
         changed = [k for k in fixed if getattr(cfg, k) != getattr(self.config, k)]
         if changed:
-            log.warning("reload: %s take effect only on restart", ", ".join(changed))
+            log.warning("reload: %s", restart_needed(changed))
         self.config = cfg
         self.admin_gid = admin_gid
         self.registry.limits = self._limits(cfg)
@@ -404,6 +429,7 @@ class Daemon:
         self.server.limits = self._server_limits(cfg)
         logging.getLogger().setLevel(cfg.log_level.upper())
         log.info("configuration reloaded")
+        return changed
 
     def _reload_from_signal(self) -> None:
         with contextlib.suppress(ConfigError):

@@ -19,7 +19,9 @@ records it.  Nothing happens in between (the server is single-threaded).
 The rules, in brief:
 
 * a lease belongs to the connection that got it; only it may release it;
-  a disconnect releases all of them; a lease outlives its segment's deletion;
+  a disconnect releases all of them; a daemon stop keeps every one on a live
+  segment, to be reclaimed after the restart; a lease outlives its segment's
+  deletion;
 * ``persistent``: unlinked only by ``delete``;
 * ``owner``: unlinked when the creating lease ends;
 * ``refcount``: unlinked when the last lease ends;
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from shmbroker.errors import BrokerError, error_from_errno
-from shmbroker.wire import Create, Open
+from shmbroker.wire import MAX_HOLDERS, Create, Open
 
 from .policy import Op, Policy
 
@@ -60,11 +62,16 @@ __all__ = [
 ]
 
 Access = Literal["ro", "rw"]
-EventName = Literal["created", "opened", "released", "sealed", "deleted", "expired"]
+EventName = Literal["created", "opened", "released", "sealed", "deleted", "expired", "dropped"]
 
 
 def _refuse(num: int, message: str) -> BrokerError:
     return error_from_errno(num, message)
+
+
+def _holder_order(item: tuple[tuple[int | None, int, str], int]) -> tuple[int, int, int, str]:
+    (client, uid, access), _n = item
+    return (client is None, client or 0, uid, access)
 
 
 @dataclass(slots=True)
@@ -80,6 +87,8 @@ class Peer:
     connected: float
     leases: set[str] = field(default_factory=set)
     waiters: set[int] = field(default_factory=set)
+    #: the name it gave ``hello`` (cut to ``MAX_CLIENT_NAME``), for operators
+    name: str | None = None
     #: primary and supplementary groups: what group bits and policy match
     gids: frozenset[int] = field(init=False)
 
@@ -357,8 +366,13 @@ class Registry:
         """Decide a ``create``: a plan to make the backing, or (``exist_ok``) a grant."""
         existing = self.segments.get(req.name)
         if existing is not None:
-            if not req.exist_ok or existing.size != req.size:
+            if not req.exist_ok:
                 raise _refuse(errno.EEXIST, f"segment exists: {req.name}")
+            if existing.size != req.size:
+                raise _refuse(
+                    errno.EEXIST,
+                    f"segment exists: {req.name} is {existing.size} bytes, not {req.size}",
+                )
             return self._grant(peer, existing, "rw", fd=True, now=now, op="create")
         self._allowed(peer, "create", req.name)
         lim = self.limits
@@ -647,6 +661,37 @@ class Registry:
                 return
             yield name
 
+    def holders(self, name: str) -> tuple[list[dict[str, object]], int]:
+        """Who holds ``name``'s leases, for an operator's ``stat``: one entry per
+        client and access (leases awaiting reclaim: per uid, ``client`` null),
+        by client id; at most ``MAX_HOLDERS``, and how many more there are."""
+        seg = self._live(name)
+        counts: dict[tuple[int | None, int, Access], int] = {}
+        for token in seg.leases:
+            lease = self.leases[token]
+            key = (lease.peer, lease.uid, lease.access)
+            counts[key] = counts.get(key, 0) + 1
+        entries: list[dict[str, object]] = []
+        for (client, uid, access), n in sorted(counts.items(), key=_holder_order):
+            peer = self.peers.get(client) if client is not None else None
+            entries.append(
+                {
+                    "client": client,
+                    "pid": peer.pid if peer else None,
+                    "uid": uid,
+                    "name": peer.name if peer else None,
+                    "access": access,
+                    "leases": n,
+                }
+            )
+        return entries[:MAX_HOLDERS], max(len(entries) - MAX_HOLDERS, 0)
+
+    def dropped(self, peer: Peer) -> None:
+        """An operator drops ``peer`` (the edge then closes it, which ends its
+        leases): the ``dropped`` event, on the empty name."""
+        if self.wants_event(""):
+            self.effects.append(Publish("dropped", "", 0, peer.uid, peer.pid))
+
     def clients(self, after: int | None, limit: int) -> tuple[list[Peer], int | None]:
         ids = sorted(pid for pid in self.peers if after is None or pid > after)
         page = [self.peers[i] for i in ids[:limit]]
@@ -655,22 +700,24 @@ class Registry:
     # -- restart: shutdown, restore, reclaim ------------------------------------------
 
     def shutdown(self, now: float) -> None:
-        """The daemon is stopping: end what ends with its leases, keep the rest.
+        """The daemon is stopping: keep every lease, as a crash would.
 
-        Leases on ``refcount`` and ``owner`` segments are released (so those
-        segments are unlinked); leases on ``persistent`` and ``ttl`` segments
-        stay in the state, to be reclaimed after the restart.
+        A stop is not the holders' doing: they still map their segments, so
+        every lease on a live segment stays in the state, to be reclaimed
+        after the restart (``refcount`` and ``owner`` segments included;
+        what is not reclaimed within the window ends then, and its segment
+        follows its lifetime).  Only leases on segments already deleted end
+        now: nothing could reclaim them.
         """
         for peer in list(self.peers.values()):
             for wid in list(peer.waiters):
                 self._drop_waiter(wid)
             for token in list(peer.leases):
-                lease = self.leases[token]
-                if lease.segment.lifetime in ("refcount", "owner") or not lease.segment.live:
-                    self._end_lease(token, peer, now)
-                else:
-                    lease.peer = None
+                if self.leases[token].segment.live:
+                    self.leases[token].peer = None
                     peer.leases.discard(token)
+                else:
+                    self._end_lease(token, peer, now)
         self.peers.clear()
 
     def records(self) -> Iterator[dict[str, Any]]:

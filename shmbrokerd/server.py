@@ -103,7 +103,7 @@ class Server:
         *,
         publish: Callable[[Publish, float], None],
         hello_info: Callable[[], dict[str, Any]],
-        reload: Callable[[], None],
+        reload: Callable[[], list[str]],
         is_operator: Callable[[int, int, frozenset[int]], bool],
         journal: Journal,
         after_replies: Callable[[], None] = lambda: None,
@@ -151,6 +151,7 @@ class Server:
             "reload": self._op_reload,
             "clients": self._op_clients,
             "stats": self._op_stats,
+            "drop": self._op_drop,
         }
 
     # -- lifecycle -------------------------------------------------------------
@@ -366,6 +367,8 @@ class Server:
     # -- ops -------------------------------------------------------------------
 
     def _op_hello(self, conn: Connection, req: wire.Hello) -> None:
+        if req.client is not None:  # what operators see in clients and stat
+            conn.peer.name = req.client[: wire.MAX_CLIENT_NAME]
         self._send(conn, encode_ok(req.id, self._hello_info()), [])
 
     def _op_create(self, conn: Connection, req: wire.Create) -> None:
@@ -420,8 +423,13 @@ class Server:
         self._send(conn, encode_done(req.id), [])
 
     def _op_stat(self, conn: Connection, req: wire.Stat) -> None:
+        if req.holders:  # an addition: who holds it
+            self._require_operator(conn, "stat with holders")
         seg = self.registry.stat(conn.peer, req.name)
-        self._send(conn, encode_ok(req.id, {"segment": seg.describe()}), [])
+        result: dict[str, Any] = {"segment": seg.describe()}
+        if req.holders:
+            result["holders"], result["holders_more"] = self.registry.holders(req.name)
+        self._send(conn, encode_ok(req.id, result), [])
 
     def _op_list(self, conn: Connection, req: wire.List) -> None:
         limit = req.limit
@@ -444,10 +452,10 @@ class Server:
     def _op_reload(self, conn: Connection, req: wire.Reload) -> None:
         self._require_operator(conn, "reload")
         try:
-            self._reload()
+            restart = self._reload()
         except ValueError as exc:
             raise error_from_errno(errno.EINVAL, str(exc)) from None
-        self._send(conn, encode_done(req.id), [])
+        self._send(conn, encode_ok(req.id, {"restart": restart}), [])
 
     def _op_clients(self, conn: Connection, req: wire.Clients) -> None:
         self._require_operator(conn, "clients")
@@ -460,6 +468,7 @@ class Server:
                 "gid": p.gid,
                 "leases": len(p.leases),
                 "connected": p.connected,
+                "name": p.name,
             }
             for p in page
         ]
@@ -468,6 +477,27 @@ class Server:
     def _op_stats(self, conn: Connection, req: wire.Stats) -> None:
         self._require_operator(conn, "stats")
         self._send(conn, encode_ok(req.id, self.stats()), [])
+
+    def _op_drop(self, conn: Connection, req: wire.Drop) -> None:
+        """An addition (operators only): close a client's connection, as if it had."""
+        self._require_operator(conn, "drop")
+        target = self.conns.get(req.client)
+        if target is None:
+            raise error_from_errno(errno.ENOENT, f"no such client: {req.client}")
+        peer, by = target.peer, conn.peer
+        log.warning(
+            "client %d (pid=%d uid=%d) dropped by operator pid=%d uid=%d: %d leases end",
+            peer.id,
+            peer.pid,
+            peer.uid,
+            by.pid,
+            by.uid,
+            len(peer.leases),
+            extra={"PEER_PID": peer.pid, "PEER_UID": peer.uid, "OP": "drop"},
+        )
+        self.registry.dropped(peer)
+        self._send(conn, encode_ok(req.id, {"leases": len(peer.leases)}), [])
+        self._close(target, None)  # after the reply: an operator may drop itself
 
     def stats(self) -> dict[str, Any]:
         reg = self.registry

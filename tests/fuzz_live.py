@@ -349,6 +349,8 @@ class Gen:
                 p.codes = _NO_ERROR
         elif op in ("seal", "delete", "stat"):
             req["name"] = self.name()
+            if op == "stat" and rng.random() < 0.3:
+                req["holders"] = rng.random() < 0.7
         elif op == "list":
             if rng.random() < 0.7:
                 req["prefix"] = rng.choice([self.shared.ns, self.shared.ns + "/d", self.name()])
@@ -361,6 +363,8 @@ class Gen:
                 req["after"] = rng.randint(0, 100)
             if rng.random() < 0.5:
                 req["limit"] = rng.randint(1, 100)
+        elif op == "drop":  # never a client that exists: the fuzzer drops no one
+            req["client"] = rng.randint(2**40, MAX_ID - 1)
         return req, p
 
     def valid(self, conn: Conn) -> Out:
@@ -550,6 +554,7 @@ class Gen:
 
 
 _SCALARS = (None, True, False, 0, -1)
+_HOLDERS = ("holders", "holders_more")
 
 
 def _reject(name: str) -> Any:
@@ -580,6 +585,7 @@ VALID_CODES: dict[str, frozenset[str]] = {
     "reload": frozenset({"EACCES", "EINVAL"}),  # EINVAL: the config file on disk is bad
     "clients": frozenset({"EACCES"}),  # for operators only
     "stats": frozenset({"EACCES"}),
+    "drop": frozenset({"ENOENT", "EACCES"}),
 }
 PARAMS: dict[str, set[str]] = {
     "hello": {"client"},
@@ -588,12 +594,13 @@ PARAMS: dict[str, set[str]] = {
     "release": {"lease"},
     "seal": {"name"},
     "delete": {"name"},
-    "stat": {"name"},
+    "stat": {"name", "holders"},
     "list": {"prefix", "after", "limit"},
     "reclaim": {"lease"},
     "reload": set(),
     "clients": {"after", "limit"},
     "stats": set(),
+    "drop": {"client"},
 }
 _OP_WEIGHTS_BY_OP = {
     "hello": 5,
@@ -608,6 +615,7 @@ _OP_WEIGHTS_BY_OP = {
     "reload": 0.05,
     "clients": 2,
     "stats": 2,
+    "drop": 1,
 }
 _OP_CHOICES = list(_OP_WEIGHTS_BY_OP)
 _OP_WEIGHTS = list(_OP_WEIGHTS_BY_OP.values())
@@ -945,13 +953,16 @@ class Worker(threading.Thread):
                 conn.leases[lease] = str(req.get("name"))
                 self.shared.tokens.append(lease)
                 self.counts["leases"] += 1
-        elif op in ("release", "delete", "reload"):
+        elif op in ("release", "delete"):
             problem = "unexpected keys" if keys else ""
+        elif op == "reload":
+            problem = "" if keys == {"restart"} else "unexpected keys"
         elif op in ("seal", "stat"):
             problem = _segment_problem(reply.get("segment"), req.get("name"))
             if not problem and op == "seal" and reply["segment"]["sealed"] is not True:
                 problem = "not sealed after seal"
-            problem = problem or ("unexpected keys" if keys != {"segment"} else "")
+            want = {"segment", *_HOLDERS} if req.get("holders") is True else {"segment"}
+            problem = problem or ("unexpected keys" if keys != want else "")
         elif op == "list":
             problem = _list_problem(reply, req)
         elif op == "clients":

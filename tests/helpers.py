@@ -131,11 +131,19 @@ class DaemonProc:
         self.proc.wait()
 
     def objects(self) -> list[str]:
+        """The segments' objects in /dev/shm (not the prefix lock)."""
+        return sorted(n for n in self.entries() if n != self.lock_name)
+
+    @property
+    def lock_name(self) -> str:
+        return self.prefix + "lock"
+
+    def entries(self) -> list[str]:
         return sorted(n for n in os.listdir("/dev/shm") if n.startswith(self.prefix))
 
     def cleanup(self) -> None:
         self.stop()
-        for name in self.objects():  # what a killed daemon left behind
+        for name in self.entries():  # what a killed daemon left behind
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join("/dev/shm", name))
         shutil.rmtree(self.root, ignore_errors=True)

@@ -104,14 +104,17 @@ def short_dir() -> Iterator[str]:
 @pytest.fixture
 def foreign_client(daemon: DaemonProc) -> Iterator[subprocess.Popen[str]]:
     """A client of the other user holding two leases on ``c/held`` until killed."""
-    code = DROP_TO_OTHER + textwrap.dedent(
-        """
+    code = """
         with Broker(SOCK) as b, b.create("c/held", 4096, mode=0o640), b.open("c/held"):
             print("READY")
             time.sleep(60)
         """
-    )
-    with spawn_client(code, daemon.socket) as proc:
+    yield from _other_user_client(daemon, code)
+
+
+def _other_user_client(daemon: DaemonProc, code: str) -> Iterator[subprocess.Popen[str]]:
+    """Run ``code`` as the other user until it prints READY; kill it afterwards."""
+    with spawn_client(DROP_TO_OTHER + textwrap.dedent(code), daemon.socket) as proc:
         try:
             wait_line(proc)
             yield proc
@@ -176,10 +179,21 @@ def test_list_json_is_the_array_of_segment_objects_wherever_json_is_given(
 def test_stat_prints_one_segment_in_both_forms(daemon: DaemonProc) -> None:
     with Broker(daemon.socket) as b, b.create("s/x", 8192, lifetime="ttl", ttl=30) as seg:
         b.seal("s/x")
-        human = parse_pairs(ok(daemon.socket, "stat", "s/x"))
+        pairs, holders = ok(daemon.socket, "stat", "s/x").split("\n\n")
+        human = parse_pairs(pairs)
         as_json = json.loads(ok(daemon.socket, "stat", "s/x", "--json"))
         info = b.stat("s/x")
-    assert as_json == info.model_dump(mode="json")
+        client = next(c for c in b.clients() if c.pid == os.getpid())
+    # an operator (as root) sees the holders too
+    holder = {"client": client.id, "pid": os.getpid(), "uid": os.getuid(), "access": "rw"}
+    assert as_json == {
+        **info.model_dump(mode="json"),
+        "holders": [{**holder, "name": None, "leases": 1}],
+    }
+    assert parse_table(holders) == [
+        {"CLIENT": str(client.id), "PID": str(os.getpid()), "UID": str(os.getuid())}
+        | {"ACCESS": "rw", "LEASES": "1", "NAME": "-"}
+    ]
     created = datetime.fromisoformat(human.pop("created")).timestamp()
     assert abs(created - info.created) < 0.001
     assert human == {
@@ -232,9 +246,10 @@ def test_help_documents_json_output_and_exit_status() -> None:
     out = ctl(None, "--help")
     assert out.returncode == 0
     text = " ".join(out.stdout.split())
-    for command in ("list", "stat", "delete", "clients", "stats", "watch", "reload"):
+    for command in ("list", "stat", "delete", "clients", "stats", "watch", "reload", "drop"):
         assert f"\n    {command} " in out.stdout
-    assert "delete and reload print nothing in either form" in text
+    assert "delete, drop and reload print nothing on stdout in either form" in text
+    assert "3 reload: the config was reloaded, but some changed keys take effect only" in text
     assert "one JSON object per line (JSON Lines)" in text
     assert "2 usage error" in text
 
@@ -318,7 +333,7 @@ def test_clients_lists_each_connection_with_its_credentials(
 ) -> None:
     rows = parse_table(ok(daemon.socket, "clients"))
     entries = json.loads(ok(daemon.socket, "--json", "clients"))
-    assert list(rows[0]) == ["ID", "PID", "UID", "GID", "LEASES", "CONNECTED"]
+    assert list(rows[0]) == ["ID", "PID", "UID", "GID", "LEASES", "CONNECTED", "NAME"]
     theirs = [r for r in rows if r["PID"] == str(foreign_client.pid)]
     assert len(rows) == 2  # that client and this shmbrokerctl
     assert len(theirs) == 1
@@ -333,7 +348,7 @@ def test_clients_lists_each_connection_with_its_credentials(
     assert by_pid[foreign_client.pid]["gid"] == OTHER_GID
     assert by_pid[foreign_client.pid]["leases"] == 2
     assert by_pid[foreign_client.pid]["connected"] <= time.time()
-    assert set(entries[0]) == {"id", "pid", "uid", "gid", "leases", "connected"}
+    assert set(entries[0]) == {"id", "pid", "uid", "gid", "leases", "connected", "name"}
 
 
 def test_stats_shows_counters_and_requests_by_op(daemon: DaemonProc) -> None:
@@ -464,3 +479,91 @@ def test_watch_human_lines_until_sigterm(daemon: DaemonProc) -> None:
     ]
     datetime.fromisoformat(mine[0][0])
     assert (rc, err) == (0, "")
+
+
+# -- who holds what; dropping a client ------------------------------------------------
+
+
+@pytest.fixture
+def named_holder(daemon: DaemonProc) -> Iterator[subprocess.Popen[str]]:
+    """A client of the other user, named ``camera-writer``, holding rw and ro leases."""
+    code = """
+        with Broker(SOCK) as b:
+            b.hello("camera-writer")
+            w = b.create("h/held", 4096, mode=0o644)
+            r = b.open("h/held")
+            print("READY", flush=True)
+            time.sleep(60)
+        """
+    yield from _other_user_client(daemon, code)
+
+
+def test_clients_and_stat_name_the_holders(
+    daemon: DaemonProc, named_holder: subprocess.Popen[str]
+) -> None:
+    clients = parse_table(ok(daemon.socket, "clients"))
+    theirs = next(r for r in clients if r["PID"] == str(named_holder.pid))
+    assert theirs["NAME"] == "camera-writer"
+    pairs, holders = ok(daemon.socket, "stat", "h/held").split("\n\n")
+    assert parse_pairs(pairs)["leases"] == "2"
+    common = {"CLIENT": theirs["ID"], "PID": str(named_holder.pid), "UID": str(OTHER_UID)}
+    assert parse_table(holders) == [
+        {**common, "ACCESS": "ro", "LEASES": "1", "NAME": "camera-writer"},
+        {**common, "ACCESS": "rw", "LEASES": "1", "NAME": "camera-writer"},
+    ]
+    # not an operator: the segment (mode 0644 lets it read), no holders
+    out = ctl(daemon.socket, "stat", "h/held", as_other=True)
+    assert out.returncode == 0, out.stderr
+    assert "\n\n" not in out.stdout
+    as_json = json.loads(ctl(daemon.socket, "--json", "stat", "h/held", as_other=True).stdout)
+    assert "holders" not in as_json
+
+
+def test_drop_ends_a_clients_leases_logged_and_evented(
+    daemon: DaemonProc, named_holder: subprocess.Popen[str]
+) -> None:
+    with Broker(daemon.socket) as b:
+        victim = next(c for c in b.clients() if c.pid == named_holder.pid)
+        watcher = b.watch("")
+        try:
+            time.sleep(0.3)  # the subscription reaches the daemon
+            assert ok(daemon.socket, "drop", str(victim.id)) == ""
+            seen = []
+            while "deleted" not in seen:
+                seen.append(watcher.next(timeout=5).event)
+        finally:
+            watcher.close()
+        assert seen[0] == "dropped"
+        assert seen.count("released") == 2
+        with pytest.raises(FileNotFoundError):
+            b.stat("h/held")  # its refcount segment went with its leases
+        assert named_holder.pid not in {c.pid for c in b.clients()}
+    assert f"client {victim.id} (pid={named_holder.pid} uid={OTHER_UID}) dropped by" in daemon.log()
+    out = ctl(daemon.socket, "drop", str(victim.id))
+    assert (out.returncode, out.stderr) == (
+        1,
+        f"shmbrokerctl: ENOENT: no such client: {victim.id}\n",
+    )
+
+
+def test_drop_is_for_operators_only(
+    daemon: DaemonProc, named_holder: subprocess.Popen[str]
+) -> None:
+    with Broker(daemon.socket) as b:
+        victim = next(c for c in b.clients() if c.pid == named_holder.pid)
+        out = ctl(daemon.socket, "drop", str(victim.id), as_other=True)
+        assert (out.returncode, out.stdout) == (1, "")
+        assert out.stderr == "shmbrokerctl: EACCES: drop is for operators only\n"
+        assert b.stat("h/held").leases == 2
+
+
+def test_reload_that_needs_a_restart_says_so_and_exits_3(daemon: DaemonProc) -> None:
+    daemon.write_config(shm_prefix="sbtother.", max_segment_size=1 << 20)
+    out = ctl(daemon.socket, "reload")
+    assert (out.returncode, out.stdout) == (3, "")
+    assert out.stderr == (
+        "shmbrokerctl: reloaded, but shm_prefix takes effect only on restart; the rest is applied\n"
+    )
+    assert "reload: shm_prefix takes effect only on restart" in daemon.log()
+    with Broker(daemon.socket) as b:
+        assert b.hello().limits.max_segment_size == 1 << 20  # the rest was applied

@@ -28,16 +28,17 @@ def test_two_unrelated_processes_share_a_region(daemon: DaemonProc) -> None:
         assert b.stat("demo/region").leases == 1
 
 
-def test_sigterm_exits_zero_within_5s_and_unlinks_refcount_segments(daemon: DaemonProc) -> None:
+def test_sigterm_exits_zero_within_5s_and_keeps_held_segments(daemon: DaemonProc) -> None:
     b = Broker(daemon.socket, reconnect_timeout=0.3)
     seg = b.create("x/refcounted", 8192)
+    b.create("x/released", 8192).close()
     assert len(daemon.objects()) == 1
     t0 = time.monotonic()
     daemon.signal(signal.SIGTERM)
     assert daemon.proc is not None
     assert daemon.proc.wait(5) == 0
     assert time.monotonic() - t0 < 5
-    assert daemon.objects() == []
+    assert daemon.objects() == [daemon.prefix + seg.id]  # held: kept for reclaim
     assert not os.path.exists(daemon.socket)
     seg.buf[0] = 1  # the mapping outlives the unlink
     seg.buf.release()

@@ -88,12 +88,13 @@ VALID: dict[str, dict[str, Any]] = {
     "release": {"lease": "Zm9vYmFyYmF6cXV4cXV1eA"},
     "seal": {"name": "a/b"},
     "delete": {"name": "a/b"},
-    "stat": {"name": "a/b"},
+    "stat": {"name": "a/b", "holders": True},
     "list": {"prefix": "camera/", "after": "camera/back", "limit": 5},
     "reclaim": {"lease": "Zm9vYmFyYmF6cXV4cXV1eA"},
     "reload": {},
     "clients": {"after": 3, "limit": 10},
     "stats": {},
+    "drop": {"client": 7},
 }
 
 
@@ -122,6 +123,7 @@ REQUIRED: dict[str, dict[str, Any]] = {
     "delete": {"name": "a"},
     "stat": {"name": "a"},
     "reclaim": {"lease": "t"},
+    "drop": {"client": 1},
 }
 
 
@@ -577,8 +579,15 @@ def _result(op: str) -> dict[str, Any]:
     seg = _segment()
     if op in ("create", "open", "reclaim"):
         return Grant(seg, "tok", "rw", op != "reclaim").result()
-    if op in ("seal", "stat"):
+    if op == "seal":
         return {"segment": seg.describe()}
+    if op == "stat":  # as to an operator
+        holder = {"client": 1, "pid": 2, "uid": 3, "name": "w", "access": "ro", "leases": 1}
+        return {"segment": seg.describe(), "holders": [holder], "holders_more": 0}
+    if op == "reload":
+        return {"restart": ["shm_prefix"]}
+    if op == "drop":
+        return {"leases": 2}
     if op == "list":
         return {"segments": [seg.describe(), _segment(id="s-2", name="x").describe()], "next": "x"}
     if op == "hello":
@@ -596,7 +605,9 @@ def _result(op: str) -> dict[str, Any]:
         }
     if op == "clients":
         return {
-            "clients": [{"id": 1, "pid": 2, "uid": 3, "gid": 4, "leases": 5, "connected": 6.0}],
+            "clients": [
+                {"id": 1, "pid": 2, "uid": 3, "gid": 4, "leases": 5, "connected": 6.0, "name": "w"}
+            ],
             "next": None,
         }
     if op == "stats":
@@ -1016,7 +1027,7 @@ _VALID_PARAMS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "release": st.fixed_dictionaries({"lease": _token}),
     "seal": st.fixed_dictionaries({"name": _name}),
     "delete": st.fixed_dictionaries({"name": _name}),
-    "stat": st.fixed_dictionaries({"name": _name}),
+    "stat": st.fixed_dictionaries({"name": _name}, optional={"holders": st.booleans()}),
     "list": st.fixed_dictionaries(
         {},
         optional={
@@ -1031,6 +1042,7 @@ _VALID_PARAMS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         {}, optional={"after": st.integers(0, wire.MAX_ID - 1), "limit": st.integers(1, 100)}
     ),
     "stats": st.just({}),
+    "drop": st.fixed_dictionaries({"client": st.integers(0, wire.MAX_ID - 1)}),
 }
 
 

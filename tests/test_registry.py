@@ -1123,20 +1123,26 @@ def test_shutdown_then_restore_round_trip() -> None:
     a = make_peer(reg, uid=1000)
     create(reg, a, "p", lifetime="persistent")
     gt = create(reg, a, "t", lifetime="ttl", ttl=3)
-    create(reg, a, "r", lifetime="refcount")
+    gr = create(reg, a, "r", lifetime="refcount")
     create(reg, a, "o", lifetime="owner")
+    gone = create(reg, a, "r-released", lifetime="refcount")
+    reg.release(a, gone.lease, T0)
+    deleted = create(reg, a, "deleted", lifetime="refcount")
+    reg.delete(a, "deleted")
     w = reg.open(a, open_req("later", wait=5), T0)
     assert isinstance(w, Waiting)
     reg.drain()
     reg.shutdown(T0 + 1)
     effects = reg.drain()
-    assert sorted(e.segment.name for e in effects if isinstance(e, Unlink)) == ["o", "r"]
-    assert sorted(reg.segments) == ["p", "t"]
-    assert reg.unreclaimed() == 2
+    # a stop is no holder's doing: held segments stay, whatever their lifetime
+    assert [e for e in effects if isinstance(e, Unlink)] == []
+    assert sorted(reg.segments) == ["o", "p", "r", "t"]
+    assert reg.unreclaimed() == 4
+    assert deleted.lease not in reg.leases  # nothing could reclaim it: ended
     records = list(reg.records())
     segs = {r["id"]: r for r in records if r["k"] == "seg"}
     leases = [r for r in records if r["k"] == "lease"]
-    assert sorted(r["name"] for r in segs.values()) == ["p", "t"]
+    assert sorted(r["name"] for r in segs.values()) == ["o", "p", "r", "t"]
     # a new registry built from those records, as the daemon restores after restart
     new = make_registry()
     for seg_id, rec in segs.items():
@@ -1151,6 +1157,9 @@ def test_shutdown_then_restore_round_trip() -> None:
     assert g.segment.creator_lease == gt.lease
     new.release(b, gt.lease, T0 + 4)
     assert summary(new.drain()) == [R, "arm:3"]
+    assert new.reclaim(b, gr.lease, T0 + 5).segment.name == "r"
+    new.end_reclaim_window(T0 + 40)  # "o" not reclaimed: its creator's lease ends it
+    assert sorted(new.segments) == ["p", "r", "t"]
 
 
 def test_events_nobody_wants_are_not_built() -> None:

@@ -741,8 +741,7 @@ class RegistryMachine(RuleBasedStateMachine):
             for token, m in list(self.leases.items()):
                 if m.holder is None:
                     continue
-                seg = live_then.get(m.segment_id)
-                if seg is not None and seg.lifetime in ("persistent", "ttl"):
+                if m.segment_id in live_then:  # a stop keeps held leases, as a crash
                     m.holder = None
                 else:
                     del self.leases[token]

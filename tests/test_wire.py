@@ -180,6 +180,7 @@ MINIMAL: dict[str, dict[str, Any]] = {
     "reload": {},
     "clients": {},
     "stats": {},
+    "drop": {"client": 1},
 }
 
 

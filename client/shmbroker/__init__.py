@@ -28,7 +28,7 @@ from .ring import (
     RingWriterGoneError,
 )
 from .segment import Segment
-from .wire import ClientInfo, Event, HelloResult, StatsResult
+from .wire import ClientInfo, Event, HelloResult, Holder, StatsResult
 from .wire import Segment as SegmentInfo
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "ClientInfo",
     "Event",
     "HelloResult",
+    "Holder",
     "Message",
     "Ring",
     "RingClosedError",

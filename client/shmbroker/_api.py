@@ -11,6 +11,7 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any, Literal
 
 from . import wire
+from ._held import Held
 from ._protocol import Reply
 from .errors import error_from_errno
 from .segment import Mapping, Segment
@@ -23,6 +24,26 @@ RECV_SIZE = wire.MAX_MESSAGE + 1
 ANC_SIZE = socket.CMSG_SPACE(4 * 4)
 
 
+def _need(value: object, kinds: tuple[type, ...], what: str) -> None:
+    """A TypeError for a wrong argument type, before anything is sent (``bool``
+    is no integer here, as in the contract)."""
+    if isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool)):
+        return
+    names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+    raise TypeError(f"{what} must be {names}, not {type(value).__name__}")
+
+
+_STR = (str,)
+_INT = (int,)
+_SECONDS = (int, float, type(None))
+
+
+def str_param(value: object, what: str) -> Any:
+    """``value``, checked to be a ``str`` (raises ``TypeError`` naming ``what``)."""
+    _need(value, _STR, what)
+    return value
+
+
 def create_params(
     name: str,
     size: int,
@@ -32,6 +53,14 @@ def create_params(
     exist_ok: bool,
     backing: Backing,
 ) -> dict[str, Any]:
+    """Raises ``TypeError`` for an argument of the wrong type."""
+    _need(name, _STR, "name")
+    _need(size, _INT, "size")
+    _need(lifetime, _STR, "lifetime")
+    _need(ttl, _SECONDS, "ttl")
+    _need(mode, _INT, "mode")
+    _need(exist_ok, (bool,), "exist_ok")
+    _need(backing, _STR, "backing")
     return {
         "name": name,
         "size": size,
@@ -44,6 +73,10 @@ def create_params(
 
 
 def open_params(name: str, access: Access, wait: float | None, fd: bool = True) -> dict[str, Any]:
+    """Raises ``TypeError`` for an argument of the wrong type."""
+    _need(name, _STR, "name")
+    _need(access, _STR, "access")
+    _need(wait, _SECONDS, "wait")
     return {"name": name, "access": access, "wait": wait, "fd": None if fd else False}
 
 
@@ -101,7 +134,7 @@ def open_flow(
     access: Access,
     wait: float | None,
     release: Callable[[str], None],
-    leases: set[str],
+    leases: Held,
 ) -> Flow:
     """``open``, for both clients: reuse this broker's mapping when the id matches.
 
@@ -112,12 +145,12 @@ def open_flow(
         reply = yield "open", open_params(name, access, wait, fd=False)
         reused = mappings.reuse(reply, cached, release)
         if isinstance(reused, Segment):
-            leases.add(reused.lease)
+            leases.add(reused)
             return reused
         yield "release", {"lease": reused}  # the name now means another segment
     reply = yield "open", open_params(name, access, wait)
     seg = mappings.segment(reply, access, release)
-    leases.add(seg.lease)
+    leases.add(seg)
     return seg
 
 
@@ -125,6 +158,21 @@ def to_info(reply: Reply) -> wire.Segment:
     result = reply.unwrap()
     assert isinstance(result, wire.SegmentResult)
     return result.segment
+
+
+def to_holders(reply: Reply) -> list[wire.Holder]:
+    """The holders in a ``stat`` reply (``holders: true``); ``EACCES`` if none came."""
+    result = reply.unwrap()
+    assert isinstance(result, wire.StatResult)
+    if result.holders is None:
+        raise error_from_errno(errno.EACCES, "holders are shown to operators only")
+    return result.holders
+
+
+def client_param(client: object) -> Any:
+    """A client id, checked to be an ``int`` (raises ``TypeError``)."""
+    _need(client, _INT, "client")
+    return client
 
 
 def split_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
@@ -135,6 +183,11 @@ def split_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     return list(fds)
+
+
+def closed_broker() -> ValueError:
+    """What a call on a broker closed by its user raises (as a closed file does)."""
+    return ValueError("I/O operation on closed broker")
 
 
 def connection_lost(path: str) -> ConnectionResetError:

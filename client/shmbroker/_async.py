@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _api, wire
+from . import _api, _fork, wire
 from ._api import Access, Backing, Lifetime
+from ._held import Held, LostCallback
 from ._paths import socket_path
 from ._protocol import ClientProtocol, Reply
 from .errors import BrokerError
@@ -37,11 +38,18 @@ class AsyncBroker:
     ``Segment.close()`` is synchronous, so here it always sends the release
     without waiting for it (as ``Broker(pipeline_release=True)`` does); a
     call made on this broker after it is served after the release.
+
+    Lost leases, ``on_lost``, ``fork`` and a closed broker (``ValueError``)
+    are as for :class:`~shmbroker.Broker`; a forked child connects anew from
+    its own event loop.
     """
 
-    def __init__(self, path: str, reconnect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, path: str, reconnect_timeout: float = 10.0, on_lost: LostCallback | None = None
+    ) -> None:
         self.path = path
         self.reconnect_timeout = reconnect_timeout
+        self.on_lost = on_lost
         self._sock = _api.sock_for(path)
         self._proto = ClientProtocol()
         self._waiting: dict[int, asyncio.Future[Reply]] = {}
@@ -49,15 +57,36 @@ class AsyncBroker:
         self._lost: BaseException | None = None
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._leases: set[str] = set()
+        self._leases = Held()
         self._mappings = _api.Mappings()
         self._reconnecting: asyncio.Lock | None = None
+        _fork.track(self)
 
     @classmethod
     def connect(
-        cls, socket: str | os.PathLike[str] | None = None, *, reconnect_timeout: float = 10.0
+        cls,
+        socket: str | os.PathLike[str] | None = None,
+        *,
+        reconnect_timeout: float = 10.0,
+        on_lost: LostCallback | None = None,
     ) -> _Connecting:
-        return _Connecting(cls(socket_path(socket), reconnect_timeout))
+        return _Connecting(cls(socket_path(socket), reconnect_timeout, on_lost))
+
+    def _after_fork(self) -> None:
+        """In a forked child (see ``_fork.py``): nothing of the parent's is ours.
+
+        The parent's loop is not touched (its epoll instance is shared with
+        the parent): the next call reconnects from the child's running loop.
+        """
+        self._sock.close()  # our copy only: the parent's connection lives on
+        self._lost = _api.connection_lost(self.path)
+        self._waiting = {}
+        self._tasks = set()
+        self._reconnecting = None
+        self._proto = ClientProtocol()
+        self._leases.disown()
+        self._leases = Held()
+        self._mappings = _api.Mappings()
 
     async def _connect(self) -> AsyncBroker:
         self._loop = asyncio.get_running_loop()
@@ -85,11 +114,11 @@ class AsyncBroker:
                 await asyncio.sleep(delay)
         else:
             await self._connect()
-        for lease in list(self._leases):
+        for lease in self._leases.tokens():
             try:
                 (await self._send_call("reclaim", {"lease": lease})).unwrap()
-            except FileNotFoundError:
-                self._leases.discard(lease)
+            except FileNotFoundError:  # too late, or the segment is gone
+                self._leases.lost(lease)
 
     # -- plumbing ------------------------------------------------------------
 
@@ -133,14 +162,19 @@ class AsyncBroker:
             self._loop.remove_reader(self._sock.fileno())
 
     async def _call(self, op: str, **params: Any) -> Reply:
-        if self._closed or self._loop is None:
+        if self._closed:
+            raise _api.closed_broker()
+        if self._loop is None:
             raise _api.connection_lost(self.path)
         if self._lost is not None:
             if self._reconnecting is None:
                 self._reconnecting = asyncio.Lock()
-            async with self._reconnecting:
-                if self._lost is not None:
-                    await self._reconnect()
+            try:
+                async with self._reconnecting:
+                    if self._lost is not None:
+                        await self._reconnect()
+            finally:
+                self._leases.report_lost(self.on_lost)
         return await self._send_call(op, params)
 
     async def _send_call(self, op: str, params: dict[str, Any]) -> Reply:
@@ -172,7 +206,7 @@ class AsyncBroker:
 
     def _segment(self, reply: Reply, access: Access) -> Segment:
         seg = self._mappings.segment(reply, access, self._release_later)
-        self._leases.add(seg.lease)
+        self._leases.add(seg)
         return seg
 
     def _release_later(self, lease: str) -> None:
@@ -205,6 +239,8 @@ class AsyncBroker:
     # -- API -------------------------------------------------------------------
 
     async def hello(self, client: str | None = None) -> wire.HelloResult:
+        if client is not None:
+            _api.str_param(client, "client")
         result = (await self._call("hello", client=client)).unwrap()
         assert isinstance(result, wire.HelloResult)
         return result
@@ -240,24 +276,41 @@ class AsyncBroker:
                 return seg
 
     async def release(self, lease: str) -> None:
-        (await self._call("release", lease=lease)).unwrap()
+        (await self._call("release", lease=_api.str_param(lease, "lease"))).unwrap()
 
     async def seal(self, name: str) -> wire.Segment:
-        return _api.to_info(await self._call("seal", name=name))
+        """As :meth:`Broker.seal`: this broker's Segments of it say ``sealed``."""
+        info = _api.to_info(await self._call("seal", name=_api.str_param(name, "name")))
+        self._leases.sealed(info)
+        return info
 
     async def delete(self, name: str) -> None:
-        (await self._call("delete", name=name)).unwrap()
+        (await self._call("delete", name=_api.str_param(name, "name"))).unwrap()
 
     async def stat(self, name: str) -> wire.Segment:
-        return _api.to_info(await self._call("stat", name=name))
+        return _api.to_info(await self._call("stat", name=_api.str_param(name, "name")))
+
+    async def holders(self, name: str) -> list[wire.Holder]:
+        """As :meth:`Broker.holders` (``PermissionError`` for non-operators)."""
+        reply = await self._call("stat", name=_api.str_param(name, "name"), holders=True)
+        return _api.to_holders(reply)
+
+    async def drop(self, client: int) -> int:
+        """As :meth:`Broker.drop` (operators only; ``ENOENT``: no such client)."""
+        result = (await self._call("drop", client=_api.client_param(client))).unwrap()
+        assert isinstance(result, wire.DropResult)
+        return result.leases
 
     async def reclaim(self, lease: str) -> wire.Segment:
-        result = (await self._call("reclaim", lease=lease)).unwrap()
+        result = (await self._call("reclaim", lease=_api.str_param(lease, "lease"))).unwrap()
         assert isinstance(result, wire.SegmentLeaseResult)
         return result.segment
 
-    async def reload(self) -> None:
-        (await self._call("reload")).unwrap()
+    async def reload(self) -> list[str]:
+        """As :meth:`Broker.reload`: the changed keys that wait for a restart."""
+        result = (await self._call("reload")).unwrap()
+        assert isinstance(result, wire.ReloadResult)
+        return result.restart
 
     async def stats(self) -> wire.StatsResult:
         result = (await self._call("stats")).unwrap()

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _api, wire
+from . import _api, _fork, wire
 from ._api import Access, Backing, Lifetime
+from ._held import Held, LostCallback
 from ._paths import socket_path
 from ._protocol import ClientProtocol, Reply
 from .errors import BrokerError
@@ -47,6 +48,17 @@ class Broker:
     sends the release without waiting, a round trip less per segment: this
     broker's next call still sees the release (the daemon serves a
     connection's requests in order), other clients a moment later.
+
+    A lease the daemon no longer knows after a restart (the reclaim window
+    passed, the segment was deleted meanwhile) marks its Segment ``lost``,
+    is logged, and is given to ``on_lost(segment)`` once the call that
+    reconnected is done (what ``on_lost`` raises comes out of that call).
+
+    After ``os.fork()`` the child's broker does not use the parent's
+    connection: its first call connects anew, and Segments it inherited stay
+    mapped but their ``close()`` releases nothing (the leases are the
+    parent's).  Calls on a closed broker raise ``ValueError``, as a closed
+    file does.
     """
 
     def __init__(
@@ -55,18 +67,33 @@ class Broker:
         *,
         reconnect_timeout: float = 10.0,
         pipeline_release: bool = False,
+        on_lost: LostCallback | None = None,
     ) -> None:
         self.path = socket_path(socket)
         self.reconnect_timeout = reconnect_timeout
         self.pipeline_release = pipeline_release
+        self.on_lost = on_lost
         self._proto = ClientProtocol()
         self._lock = threading.Lock()
         self._closed = False
-        self._leases: set[str] = set()
+        self._leases = Held()
         self._mappings = _api.Mappings()
         #: replies to pipelined releases not read yet (read with the next reply)
         self._unread = 0
         self._sock: _socket.socket | None = self._connect()
+        _fork.track(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child (see ``_fork.py``): nothing of the parent's is ours."""
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        if self._sock is not None:
+            self._sock.close()  # our copy only: the parent's connection lives on
+            self._sock = None
+        self._proto = ClientProtocol()
+        self._leases.disown()
+        self._leases = Held()
+        self._mappings = _api.Mappings()
+        self._unread = 0
 
     # -- plumbing ------------------------------------------------------------
 
@@ -89,11 +116,11 @@ class Broker:
             self._sock = self._connect_with_backoff()
             self._unread = 0
             try:
-                for lease in list(self._leases):
+                for lease in self._leases.tokens():
                     try:
                         self._exchange("reclaim", {"lease": lease}).unwrap()
-                    except FileNotFoundError:
-                        self._leases.discard(lease)  # too late, or the segment is gone
+                    except FileNotFoundError:  # too late, or the segment is gone
+                        self._leases.lost(lease)
                 return
             except ConnectionError:
                 continue  # _exchange has dropped the socket
@@ -133,18 +160,23 @@ class Broker:
             self._proto.forget(rid)
 
     def _call(self, op: str, *, reconnect: bool = True, **params: Any) -> Reply:
-        with self._lock:
-            if self._closed or (self._sock is None and not reconnect):
-                raise _api.connection_lost(self.path)
-            if self._sock is None:
-                self._reconnect()
-            try:
-                return self._exchange(op, params)
-            except _NotSent:  # the daemon went away before it saw this request
-                if not reconnect:
-                    raise _api.connection_lost(self.path) from None
-                self._reconnect()
-                return self._exchange(op, params)
+        try:
+            with self._lock:
+                if self._closed:
+                    raise _api.closed_broker()
+                if self._sock is None and not reconnect:
+                    raise _api.connection_lost(self.path)
+                if self._sock is None:
+                    self._reconnect()
+                try:
+                    return self._exchange(op, params)
+                except _NotSent:  # the daemon went away before it saw this request
+                    if not reconnect:
+                        raise _api.connection_lost(self.path) from None
+                    self._reconnect()
+                    return self._exchange(op, params)
+        finally:
+            self._leases.report_lost(self.on_lost)  # outside the lock: it may call us
 
     def close(self) -> None:
         with self._lock:
@@ -156,7 +188,7 @@ class Broker:
 
     def _segment(self, reply: Reply, access: Access) -> Segment:
         seg = self._mappings.segment(reply, access, self._release_segment)
-        self._leases.add(seg.lease)
+        self._leases.add(seg)
         return seg
 
     def _release_segment(self, lease: str) -> None:
@@ -164,9 +196,12 @@ class Broker:
 
         With the connection lost, the lease is simply not reclaimed: the
         daemon releases it when its reclaim window ends.  A lease the daemon
-        forgot (ENOENT) is no error either.
+        forgot (ENOENT) is no error either, nor a closed broker (its
+        connection's end released everything).
         """
         self._leases.discard(lease)
+        if self._closed:
+            return
         if self.pipeline_release:
             self._send_release(lease)
             return
@@ -222,6 +257,9 @@ class Broker:
     # -- API -------------------------------------------------------------------
 
     def hello(self, client: str | None = None) -> wire.HelloResult:
+        """Ask what the daemon offers; ``client`` names this program to operators."""
+        if client is not None:
+            _api.str_param(client, "client")
         result = self._call("hello", client=client).unwrap()
         assert isinstance(result, wire.HelloResult)
         return result
@@ -258,24 +296,46 @@ class Broker:
                 return seg
 
     def release(self, lease: str) -> None:
-        self._call("release", lease=lease).unwrap()
+        self._call("release", lease=_api.str_param(lease, "lease")).unwrap()
 
     def seal(self, name: str) -> wire.Segment:
-        return _api.to_info(self._call("seal", name=name))
+        """Seal a segment: from now on only ``ro`` opens are granted.
+
+        This broker's Segments of it then say ``sealed``; their mappings
+        stay as they were (a writable one still writes: see docs/security.md).
+        """
+        info = _api.to_info(self._call("seal", name=_api.str_param(name, "name")))
+        self._leases.sealed(info)
+        return info
 
     def delete(self, name: str) -> None:
-        self._call("delete", name=name).unwrap()
+        self._call("delete", name=_api.str_param(name, "name")).unwrap()
 
     def stat(self, name: str) -> wire.Segment:
-        return _api.to_info(self._call("stat", name=name))
+        return _api.to_info(self._call("stat", name=_api.str_param(name, "name")))
+
+    def holders(self, name: str) -> list[wire.Holder]:
+        """Who holds leases on ``name`` (operators only: ``PermissionError`` otherwise)."""
+        return _api.to_holders(self._call("stat", name=_api.str_param(name, "name"), holders=True))
+
+    def drop(self, client: int) -> int:
+        """End client ``client``'s connection as if it had closed it (operators
+        only); returns how many leases ended.  ``ENOENT``: no such client."""
+        result = self._call("drop", client=_api.client_param(client)).unwrap()
+        assert isinstance(result, wire.DropResult)
+        return result.leases
 
     def reclaim(self, lease: str) -> wire.Segment:
-        result = self._call("reclaim", lease=lease).unwrap()
+        result = self._call("reclaim", lease=_api.str_param(lease, "lease")).unwrap()
         assert isinstance(result, wire.SegmentLeaseResult)
         return result.segment
 
-    def reload(self) -> None:
-        self._call("reload").unwrap()
+    def reload(self) -> list[str]:
+        """Have the daemon re-read its config (operators only); returns the
+        changed keys that take effect only at its next start."""
+        result = self._call("reload").unwrap()
+        assert isinstance(result, wire.ReloadResult)
+        return result.restart
 
     def stats(self) -> wire.StatsResult:
         result = self._call("stats").unwrap()

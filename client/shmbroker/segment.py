@@ -60,6 +60,10 @@ class Mapping:
         os.close(self.fd)
 
 
+def _keep(lease: str) -> None:
+    """The release of a disowned Segment: the lease is someone else's."""
+
+
 class Segment:
     """A mapped segment holding one lease; a context manager.
 
@@ -70,6 +74,13 @@ class Segment:
     ``buf`` are still alive (a numpy array, a slice someone kept), the memory
     stays mapped until they are gone, as with :class:`mmap.mmap`; the lease is
     released regardless.
+
+    ``sealed`` is as the daemon last described the segment to this broker
+    (at the grant, or at this broker's own ``seal``); ``stat`` asks anew.
+    ``lost`` turns True when, after a daemon restart, the broker could not
+    reclaim this segment's lease (see ``Broker(on_lost=...)``): the mapping
+    still works, but it is no longer the segment a new ``open`` of the name
+    finds, if any.
     """
 
     def __init__(
@@ -84,6 +95,7 @@ class Segment:
         self._mapping: Mapping | None = mapping
         self._release = release
         self.readonly = not mapping.writable
+        self.lost = False
         self.buf = mapping.acquire()
 
     @property
@@ -116,6 +128,11 @@ class Segment:
     @property
     def closed(self) -> bool:
         return self._mapping is None
+
+    def disown(self) -> None:
+        """Keep the mapping, give up the lease: ``close()`` will release nothing
+        (a forked child's inherited Segments: the lease is the parent's)."""
+        self._release = _keep
 
     def ndarray(self, dtype: Any = "uint8", shape: Any = None, offset: int = 0) -> npt.NDArray[Any]:
         """A numpy view of the mapping (read-only for ``ro`` segments)."""

@@ -17,6 +17,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from pydantic_core import PydanticCustomError
 
 __all__ = [
+    "MAX_CLIENT_NAME",
+    "MAX_HOLDERS",
     "MAX_ID",
     "MAX_MESSAGE",
     "MAX_NAME",
@@ -26,14 +28,18 @@ __all__ = [
     "REQUESTS",
     "ClientInfo",
     "ClientsResult",
+    "DropResult",
     "Event",
     "HelloResult",
+    "Holder",
     "Limits",
     "ListResult",
+    "ReloadResult",
     "Request",
     "Segment",
     "SegmentLeaseResult",
     "SegmentResult",
+    "StatResult",
     "StatsResult",
     "check_name",
 ]
@@ -44,6 +50,10 @@ MAX_NAME = 255
 MAX_ID = 2**63
 #: Longest ttl or wait accepted, in seconds (about 68 years): keeps timers finite.
 MAX_TTL = float(2**31)
+#: characters of a ``hello`` client name the daemon keeps and reports
+MAX_CLIENT_NAME = 64
+#: holders a ``stat`` reply lists at most (so that it fits one datagram)
+MAX_HOLDERS = 64
 
 _COMPONENT = re.compile(r"[A-Za-z0-9._-]+")
 #: a whole valid name (ASCII, so its length is its size): the common case in one match
@@ -136,6 +146,8 @@ class Delete(_Request):
 class Stat(_Request):
     op: Literal["stat"] = "stat"
     name: Name
+    #: an addition (operators only): also list who holds it
+    holders: bool = False
 
 
 class List(_Request):
@@ -164,6 +176,13 @@ class Stats(_Request):
     op: Literal["stats"] = "stats"
 
 
+class Drop(_Request):
+    """An addition to the contract (operators only): end a client's connection."""
+
+    op: Literal["drop"] = "drop"
+    client: int = Field(ge=0, lt=MAX_ID)
+
+
 Request = (
     Hello
     | Create
@@ -177,6 +196,7 @@ Request = (
     | Reload
     | Clients
     | Stats
+    | Drop
 )
 
 #: op name -> request model; the daemon dispatches on this table.
@@ -195,6 +215,7 @@ REQUESTS: dict[str, type[_Request]] = {
         Reload,
         Clients,
         Stats,
+        Drop,
     )
 }
 OPS = tuple(REQUESTS)
@@ -242,6 +263,35 @@ class SegmentResult(_Reply):
     segment: Segment
 
 
+class Holder(_Reply):
+    """Leases of one client (or awaiting reclaim: ``client`` null) on a segment."""
+
+    client: int | None
+    pid: int | None
+    uid: int
+    name: str | None
+    access: Access
+    leases: int
+
+
+class StatResult(SegmentResult):
+    """``stat``; operators also get the holders (an addition to the contract)."""
+
+    holders: list[Holder] | None = None
+    #: holders not listed (the list stops at ``MAX_HOLDERS``)
+    holders_more: int = 0
+
+
+class ReloadResult(_Reply):
+    """``reload``; ``restart`` names changed keys applied only at the next start."""
+
+    restart: list[str] = []
+
+
+class DropResult(_Reply):
+    leases: int
+
+
 class SegmentLeaseResult(_Reply):
     segment: Segment
     lease: str
@@ -259,6 +309,8 @@ class ClientInfo(_Reply):
     gid: int
     leases: int
     connected: float
+    #: what the client passed to ``hello`` (its first MAX_CLIENT_NAME characters)
+    name: str | None = None
 
 
 class ClientsResult(_Reply):
@@ -284,7 +336,8 @@ class StatsResult(_Reply):
 
 
 class Event(_Reply):
-    event: Literal["created", "opened", "released", "sealed", "deleted", "expired"]
+    #: ``dropped`` (an addition): an operator dropped a client, name ""
+    event: Literal["created", "opened", "released", "sealed", "deleted", "expired", "dropped"]
     name: str
     size: int
     uid: int | None
@@ -300,12 +353,13 @@ RESULTS: dict[str, type[_Reply]] = {
     "release": Empty,
     "seal": SegmentResult,
     "delete": Empty,
-    "stat": SegmentResult,
+    "stat": StatResult,
     "list": ListResult,
     "reclaim": SegmentLeaseResult,
-    "reload": Empty,
+    "reload": ReloadResult,
     "clients": ClientsResult,
     "stats": StatsResult,
+    "drop": DropResult,
 }
 
 #: Ops whose success reply carries exactly one fd (``open`` only when ``fd`` is true).

@@ -424,7 +424,8 @@ def test_memfd_segment_survives_restart_and_crash_through_the_fd_store(box: Box)
         """
     )
     assert "memfd-persistent" in made["features"]
-    assert made["shm_files"] == [], "a memfd segment has no /dev/shm file"
+    # only the daemon's prefix lock: a memfd segment has no /dev/shm file
+    assert made["shm_files"] == ["shmbroker.lock"], "a memfd segment has no /dev/shm file"
     assert box.show("NFileDescriptorStore")["NFileDescriptorStore"] == "1"
     read = """
         b = Broker(SOCK)
@@ -453,13 +454,16 @@ def test_memfd_segment_survives_restart_and_crash_through_the_fd_store(box: Box)
 
 
 def test_client_reclaims_its_lease_across_a_restart(box: Box) -> None:
-    """(f) A client holding a persistent segment keeps running through `systemctl restart`;
-    its next call reconnects and re-attaches the lease to its new connection."""
+    """(f) A client holding a persistent and a refcount segment keeps running through
+    `systemctl restart`; both stay (a stop keeps what clients hold), and its next call
+    reconnects and re-attaches the leases to its new connection."""
     out = box.client(
         """
         b = Broker(SOCK)
         seg = b.create("reclaim/p", 4096, lifetime="persistent")
         seg.buf[:4] = b"abcd"
+        rc = b.create("reclaim/rc", 4096)  # refcount, the default lifetime
+        rc.buf[:4] = b"kept"
         out["me_before"] = me(b)
         out["restart"] = systemctl("restart", "shmbrokerd")
         info = b.stat("reclaim/p")  # reconnects, reclaims, then asks
@@ -468,21 +472,26 @@ def test_client_reclaims_its_lease_across_a_restart(box: Box) -> None:
         seg.buf[:4] = b"wxyz"  # the old mapping is still the segment
         with Broker(SOCK) as other, other.open("reclaim/p") as view:
             out["other_sees"] = bytes(view.buf[:4]).decode()
+            with other.open("reclaim/rc") as rc_view:
+                out["other_sees_rc"] = bytes(rc_view.buf[:4]).decode()
+        out["rc_lost"] = rc.lost
+        rc.close()
         seg.close()
         out["leases_released"] = b.stat("reclaim/p").leases
         b.close()
         """
     )
     assert out["restart"][0] == 0, out["restart"][1]
-    assert out["me_before"][0]["leases"] == 1
+    assert out["me_before"][0]["leases"] == 2
     assert len(out["me_after"]) == 1
     # A new connection (peer ids restart with the daemon: compare connect times).
     assert out["me_after"][0]["connected"] > out["me_before"][0]["connected"]
-    assert out["me_after"][0]["leases"] == 1, "the lease was not reclaimed by the client"
+    assert out["me_after"][0]["leases"] == 2, "the leases were not reclaimed by the client"
     assert out["leases"] == 1
     assert out["other_sees"] == "wxyz"
+    assert (out["other_sees_rc"], out["rc_lost"]) == ("kept", False)
     assert out["leases_released"] == 0
-    assert "1 leases may be reclaimed" in box.wait_journal("recovered")
+    assert "2 leases may be reclaimed" in box.wait_journal("recovered")
 
 
 def test_watchdog_kills_a_stuck_loop_and_restarts_it(box: Box) -> None:
@@ -516,25 +525,30 @@ def test_watchdog_kills_a_stuck_loop_and_restarts_it(box: Box) -> None:
     assert out["server"].startswith("shmbrokerd/")
 
 
-def test_stop_is_clean_and_unlinks_refcount_segments(box: Box) -> None:
-    """(h) `systemctl stop` with a client connected: exit 0, refcount object unlinked,
-    persistent one kept, socket still listening."""
+def test_stop_is_clean_and_keeps_held_segments(box: Box) -> None:
+    """(h) `systemctl stop` with a client connected: exit 0, the held refcount and
+    persistent objects kept (for reclaim, as after a crash), a released refcount one
+    unlinked, socket still listening."""
     out = box.client(
         """
         b = Broker(SOCK)
         rc = b.create("stop/rc", 4096)
         p = b.create("stop/p", 4096, lifetime="persistent")
+        done = b.create("stop/released", 4096)
+        done.close()
         out["rc_before"] = os.path.exists("/dev/shm/shmbroker." + rc.id)
         out["stop"] = systemctl("stop", "shmbrokerd")
         out["rc_after"] = os.path.exists("/dev/shm/shmbroker." + rc.id)
         out["p_after"] = os.path.exists("/dev/shm/shmbroker." + p.id)
+        out["released_after"] = os.path.exists("/dev/shm/shmbroker." + done.id)
         b.close()  # no release: it would start the daemon again
         """
     )
     assert out["rc_before"] is True
     assert out["stop"][0] == 0, out["stop"][1]
-    assert out["rc_after"] is False, "refcount segment not unlinked at stop"
+    assert out["rc_after"] is True, "a stop ended a refcount segment a client holds"
     assert out["p_after"] is True, "persistent segment lost at stop"
+    assert out["released_after"] is False, "a released refcount segment outlived the stop"
     state = box.show("ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
     assert state == {
         "ActiveState": "inactive",
