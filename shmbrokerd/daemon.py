@@ -30,6 +30,7 @@ from . import __version__
 from .backing import Store
 from .config import Config, ConfigError, build_policy, default_runtime_dir, load
 from .events import EventPublisher, ipc_endpoint_for
+from .metrics import registry_stats, shm_usage
 from .registry import Limits, Registry, SegmentRecord
 from .server import Server, ServerLimits
 from .state import StateFile
@@ -93,6 +94,8 @@ class Daemon:
         self.supervisor = Supervisor()
         self.socket_from_systemd = False
         self._lag: asyncio.TimerHandle | None = None
+        #: what the start-up took back from the last run (``stats``: ``recovery``)
+        self.recovery: dict[str, Any] = {}
 
     def _load(self) -> Config:
         return load(self.options.config, self.options.overrides())
@@ -103,7 +106,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         handover = self.supervisor.take_fds()
         self._prepare()
+        started = time.perf_counter()
         self._recover(handover.memfds)
+        self.recovery["seconds"] = time.perf_counter() - started
         self.socket_from_systemd = handover.listener is not None
         listener = handover.listener or self._bind()
         self.events = EventPublisher(
@@ -159,6 +164,7 @@ class Daemon:
             after_replies=self._after_replies,
             memfd_created=self._memfd_created,
             memfd_unlinked=self.supervisor.drop_fd,
+            stats_extra=self.stats_extra,
         )
 
     def _limits(self, cfg: Config) -> Limits:
@@ -188,6 +194,7 @@ class Daemon:
         that no entry names is a leftover of a crash and is unlinked.  Both
         are logged.  Then a fresh snapshot replaces the old state.
         """
+        previous_run = self.state.snapshot.exists() or self.state.journal.exists()
         loaded = self.state.load()
         leases = loaded.leases_by_segment()
         objects = set(self.store.objects())
@@ -229,6 +236,12 @@ class Daemon:
                 self.config.reclaim_window,
             )
         self.state.open()
+        self.recovery = {
+            "restarts": self._count_restart() if previous_run else self.state.restarts(),
+            "segments": kept,
+            "dropped": len(loaded.segments) - kept,
+            "leases": self.registry.unreclaimed(),
+        }
         # what the state file keeps for later snapshots starts from what was
         # restored, compacted now or not (restore journals nothing)
         self.state.keep(self.registry.records())
@@ -236,6 +249,13 @@ class Daemon:
             self.state.compact()
         del loaded, leases
         _give_back_memory()
+
+    def _count_restart(self) -> int:
+        try:
+            return self.state.count_restart()
+        except OSError as exc:  # a counter is not worth failing the start for
+            log.warning("restart count not saved: %s", exc)
+            return self.state.restarts()
 
     def _after_replies(self) -> None:
         """What trails the replies (see ``JOURNAL_LAG``) is caught up with later."""
@@ -351,6 +371,28 @@ class Daemon:
         log.info("stopped")
 
     # -- services the server calls -------------------------------------------------
+
+    def stats_extra(self) -> dict[str, Any]:
+        """What ``stats`` adds to the server's counters: the edges' and the gauges."""
+        counters = self.state.counters
+        return {
+            **registry_stats(self.registry),
+            "shm": shm_usage(self.store.shm_dir),
+            "journal": {
+                "writes": counters.writes,
+                "records": counters.records,
+                "failures": counters.write_failures,
+                "snapshots": counters.snapshots,
+                "snapshot_failures": counters.snapshot_failures,
+                "snapshot_seconds": counters.snapshot_seconds,
+                "last_snapshot_seconds": counters.last_snapshot_seconds,
+            },
+            "events": {
+                "published": self.events.published,
+                "dropped": self.events.dropped + self.server.metrics.events_unsaved,
+            },
+            "recovery": self.recovery,
+        }
 
     def is_operator(self, uid: int, gid: int, groups: frozenset[int]) -> bool:
         if uid in (0, os.geteuid()):
