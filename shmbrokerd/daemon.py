@@ -89,6 +89,7 @@ class Daemon:
         self.events_endpoint = self.config.events or ipc_endpoint_for(self.socket_path)
         self.socket_gid = _gid(self.config.socket_group)
         self.admin_gid = _gid(self.config.admin_group)
+        self.monitor_gid = _gid(self.config.monitor_group)
         self._stop = asyncio.Event()
         self.exit_code = 0
         self.supervisor = Supervisor()
@@ -160,6 +161,7 @@ class Daemon:
             hello_info=self.hello_info,
             reload=self.reload,
             is_operator=self.is_operator,
+            is_monitor=self.is_monitor,
             journal=self.state,
             after_replies=self._after_replies,
             memfd_created=self._memfd_created,
@@ -399,6 +401,11 @@ class Daemon:
             return True
         return self.admin_gid is not None and (gid == self.admin_gid or self.admin_gid in groups)
 
+    def is_monitor(self, uid: int, gid: int, groups: frozenset[int]) -> bool:
+        """May read ``stats`` (and nothing more than anyone): the exporter's group."""
+        mon = self.monitor_gid
+        return mon is not None and (gid == mon or mon in groups)
+
     def hello_info(self) -> dict[str, Any]:
         cfg = self.config
         features = ["shm", "memfd", "seal", "wait", "reclaim", "events"]
@@ -423,6 +430,7 @@ class Daemon:
         try:
             cfg = self._load()
             admin_gid = _gid(cfg.admin_group)
+            monitor_gid = _gid(cfg.monitor_group)
             policy = build_policy(cfg)
         except ConfigError as exc:
             log.error("reload refused, keeping the old config: %s", exc)
@@ -441,6 +449,7 @@ class Daemon:
             log.warning("reload: %s take effect only on restart", ", ".join(changed))
         self.config = cfg
         self.admin_gid = admin_gid
+        self.monitor_gid = monitor_gid
         self.registry.limits = self._limits(cfg)
         self.registry.policy = policy
         self.server.limits = self._server_limits(cfg)

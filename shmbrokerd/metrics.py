@@ -48,11 +48,11 @@ TOP = 10
 class RequestMetrics:
     """Per-op latency histograms and refusals by errno, bumped by the server."""
 
-    __slots__ = ("_counts", "_sums", "_waits", "errors", "events_unsaved")
+    __slots__ = ("_hist", "_waits", "errors", "events_unsaved")
 
     def __init__(self) -> None:
-        self._counts: dict[str, list[int]] = {}
-        self._sums: dict[str, float] = {}
+        #: op -> counts per bucket, the last one past every bound, then the sum
+        self._hist: dict[str, list[float]] = {}
         #: waiter id -> when its open was received (answered later: ``waited``)
         self._waits: dict[int, float] = {}
         #: op -> errno name -> refusals
@@ -62,12 +62,12 @@ class RequestMetrics:
 
     def observe(self, op: str, seconds: float) -> None:
         """One request of ``op`` took ``seconds`` from receipt to reply."""
-        counts = self._counts.get(op)
-        if counts is None:
-            counts = self._counts[op] = [0] * (len(BUCKETS) + 1)
-            self._sums[op] = 0.0
-        counts[bisect_left(BUCKETS, seconds)] += 1
-        self._sums[op] += seconds
+        try:
+            hist = self._hist[op]
+        except KeyError:
+            hist = self._hist[op] = [0] * (len(BUCKETS) + 2)
+        hist[bisect_left(BUCKETS, seconds)] += 1
+        hist[-1] += seconds
 
     def refused(self, op: str, code: str) -> None:
         by_errno = self.errors.get(op)
@@ -90,8 +90,12 @@ class RequestMetrics:
         return {
             "bounds": list(BUCKETS),
             "ops": {
-                op: {"buckets": list(counts), "count": sum(counts), "sum": self._sums[op]}
-                for op, counts in self._counts.items()
+                op: {
+                    "buckets": [int(n) for n in hist[:-1]],
+                    "count": int(sum(hist[:-1])),
+                    "sum": hist[-1],
+                }
+                for op, hist in self._hist.items()
             },
         }
 

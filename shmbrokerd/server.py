@@ -108,6 +108,7 @@ class Server:
         hello_info: Callable[[], dict[str, Any]],
         reload: Callable[[], None],
         is_operator: Callable[[int, int, frozenset[int]], bool],
+        is_monitor: Callable[[int, int, frozenset[int]], bool] = lambda uid, gid, groups: False,
         journal: Journal,
         after_replies: Callable[[], None] = lambda: None,
         memfd_created: Callable[[str], None] = lambda segment_id: None,
@@ -121,6 +122,7 @@ class Server:
         self._hello_info = hello_info
         self._reload = reload
         self._is_operator = is_operator
+        self._is_monitor = is_monitor
         self._journal = journal
         self._after_replies = after_replies
         self._memfd_created = memfd_created
@@ -481,7 +483,9 @@ class Server:
         self._send(conn, encode_ok(req.id, {"clients": clients, "next": nxt}), [])
 
     def _op_stats(self, conn: Connection, req: wire.Stats) -> None:
-        self._require_operator(conn, "stats")
+        peer = conn.peer
+        if not peer.operator and not self._is_monitor(peer.uid, peer.gid, peer.groups):
+            raise error_from_errno(errno.EACCES, "stats is for operators and monitor_group only")
         self._send(conn, encode_ok(req.id, self.stats()), [])
 
     def stats(self) -> dict[str, Any]:
