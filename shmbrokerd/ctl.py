@@ -223,6 +223,22 @@ def cmd_stats(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
     yield format_table(counters) + "\n" + format_table(by_op, OPS_HEADER)
 
 
+def cmd_top(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
+    from . import top  # imports this module: not at the top
+
+    def fetch() -> dict[str, Any]:
+        return broker.stats().model_dump(mode="json")
+
+    try:
+        if args.once or args.json or not sys.stdout.isatty():
+            for f in top.stream(fetch, args.interval, args.once):
+                yield top.as_json(f) if args.json else "\n".join(top.render(f)) + "\n"
+        else:
+            top.run_curses(fetch, args.interval)
+    except KeyboardInterrupt:  # Ctrl-C is how one leaves top, like q
+        return
+
+
 def _or_dash(value: int | None) -> str:
     return "-" if value is None else str(value)
 
@@ -295,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     _command(subs, "stats", cmd_stats, "show the daemon's counters (operators)")
     _command(subs, "watch", cmd_watch, "print lifecycle events until interrupted").add_argument(
         "prefix", nargs="?", default="", metavar="PREFIX", help="only names starting with PREFIX"
+    )
+    top = _command(subs, "top", cmd_top, "live view: rates, latency, segments, clients (operators)")
+    top.add_argument("--once", action="store_true", help="print one refresh and exit")
+    top.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes"
     )
     _command(subs, "reload", cmd_reload, "re-read the daemon's config (operators; prints nothing)")
     return parser

@@ -248,8 +248,15 @@ def _listener(listen: str) -> socket.socket:
     return socket.create_server((host, int(port)), family=family)
 
 
+class _AdoptingServer(ThreadingWSGIServer):
+    """Serves on a socket it is given (socketserver always makes one of its own:
+    AF_UNIX, the one family the unit lets this process create; closed at once)."""
+
+    address_family = socket.AF_UNIX
+
+
 def serve(sock: socket.socket, registry: CollectorRegistry) -> NoReturn:
-    server = ThreadingWSGIServer(sock.getsockname()[:2], _QuietHandler, bind_and_activate=False)
+    server = _AdoptingServer(sock.getsockname()[:2], _QuietHandler, bind_and_activate=False)
     server.socket.close()
     server.socket = sock
     server.server_name, server.server_port = str(sock.getsockname()[0]), sock.getsockname()[1]

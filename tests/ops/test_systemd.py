@@ -651,12 +651,11 @@ out["after"] = scrape()
         assert user["User"] == "shmbroker-exporter"
         status = sbx.run(["cat", f"/proc/{user['MainPID']}/status"]).stdout
         uid = re.search(r"^Uid:\s+(\d+)", status, re.M)
-        assert uid and int(uid.group(1)) != 0
+        assert uid
+        assert int(uid.group(1)) != 0
 
         sbx.systemctl("stop", SERVICE, SOCKET_UNIT)
-        down = box.client(
-            SCRAPE_CODE.replace("SCRAPE", repr(SCRAPE)) + 'out["down"] = scrape()\n'
-        )
+        down = box.client(SCRAPE_CODE.replace("SCRAPE", repr(SCRAPE)) + 'out["down"] = scrape()\n')
         assert down["down"] == {"shmbroker_up{}": 0}
         deadline = time.monotonic() + 10
         while "does not answer" not in sbx.journal(EXPORTER):
