@@ -118,12 +118,12 @@ def _ms(seconds: float | None) -> str:
     return f"{seconds * 1e3:.1f}ms"
 
 
-def render(f: dict[str, Any]) -> list[str]:
-    """A frame as lines of text (the screen, or ``--once``)."""
+def render(f: dict[str, Any], hint: str = "") -> list[str]:
+    """A frame as lines of text (the screen, with a ``hint`` of keys, or ``--once``)."""
     t = f["totals"]
     pct = 100 * t["shm_used"] / t["shm_size"] if t["shm_size"] else 0.0
     lines = [
-        f"shmbrokerd up {human_duration(t['uptime'])}  {t['ops_rate']:.0f} ops/s  q: quit",
+        f"shmbrokerd up {human_duration(t['uptime'])}  {t['ops_rate']:.0f} ops/s  {hint}".rstrip(),
         f"segments {t['segments']}  bytes {human_size(t['bytes'])}  leases {t['leases']}  "
         f"clients {t['clients']}  waiting opens {t['waiting_opens']}",
         f"/dev/shm {human_size(t['shm_used'])} used of {human_size(t['shm_size'])} ({pct:.1f}%)",
@@ -193,7 +193,7 @@ def _screen(win: curses.window, fetch: Fetch, interval: float) -> None:
             return
         if time.monotonic() >= at + interval:
             cur, now = fetch(), time.monotonic()
-            lines = render(frame(prev, cur, now - at))
+            lines = render(frame(prev, cur, now - at), "q: quit")
             prev, at = cur, now
 
 
