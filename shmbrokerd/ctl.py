@@ -206,6 +206,19 @@ def cmd_clients(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
         yield format_table((_client_row(c, now) for c in clients), CLIENTS_HEADER)
 
 
+def _extra_rows(extra: dict[str, Any]) -> list[tuple[str, str]]:
+    """The counters ``stats`` added over time: scalars as they are, an object of
+    scalars one row per key; lists and histograms are for --json and ``top``."""
+    rows = []
+    for key, value in extra.items():
+        if isinstance(value, dict):
+            if all(not isinstance(v, dict | list) for v in value.values()):
+                rows += [(f"{key}.{k}:", _scalar(v)) for k, v in value.items()]
+        elif not isinstance(value, list):
+            rows.append((f"{key}:", _scalar(value)))
+    return rows
+
+
 def cmd_stats(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
     stats = broker.stats()
     if args.json:
@@ -217,7 +230,7 @@ def cmd_stats(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
         ("bytes:", f"{human_size(stats.bytes)} ({stats.bytes} bytes)"),
         ("clients:", str(stats.clients)),
     ]
-    counters += [(f"{k}:", _scalar(v)) for k, v in (stats.model_extra or {}).items()]
+    counters += _extra_rows(stats.model_extra or {})
     ops = sorted(stats.requests.keys() | stats.errors.keys())
     by_op = [(op, str(stats.requests.get(op, 0)), str(stats.errors.get(op, 0))) for op in ops]
     yield format_table(counters) + "\n" + format_table(by_op, OPS_HEADER)

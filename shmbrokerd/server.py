@@ -485,7 +485,7 @@ class Server:
     def _op_stats(self, conn: Connection, req: wire.Stats) -> None:
         peer = conn.peer
         if not peer.operator and not self._is_monitor(peer.uid, peer.gid, peer.groups):
-            raise error_from_errno(errno.EACCES, "stats is for operators and monitor_group only")
+            raise error_from_errno(errno.EACCES, "stats is for operators only")
         self._send(conn, encode_ok(req.id, self.stats()), [])
 
     def stats(self) -> dict[str, Any]:
