@@ -129,6 +129,7 @@ class Server:
         self._memfd_unlinked = memfd_unlinked
         self._stats_extra = stats_extra
         self.metrics = RequestMetrics()
+        self._observe = self.metrics.observe  # per request: one lookup less
         self._received = 0.0  # when the request being handled was read
         self.conns: dict[int, Connection] = {}
         # one receive buffer, reused: a datagram is copied out at its own size
@@ -329,7 +330,7 @@ class Server:
         if isinstance(req, BrokerError):
             self.requests["invalid"] += 1
             self._refuse(conn, rid, "invalid", req)
-            self.metrics.observe("invalid", _clock() - received)
+            self._observe("invalid", _clock() - received)
             return
         op = req.op
         self.requests[op] += 1
@@ -349,7 +350,7 @@ class Server:
                 self._refuse(conn, req.id, op, error_from_errno(errno.EIO, "internal error"))
         finally:
             if self._replied:
-                self.metrics.observe(op, _clock() - received)
+                self._observe(op, _clock() - received)
             else:  # a waiting open: nothing went out to run them
                 self.run_effects()
 
