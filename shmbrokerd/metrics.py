@@ -8,8 +8,9 @@ from state the daemon keeps anyway (the registry, the connections,
 few seconds costs one pass over the segments, a request costs nothing more.
 
 Latency buckets are fixed (the exporter and ``shmbrokerctl top`` read them
-from the reply): six per decade from 10 us to 100 ms, so a p50 or p99
-interpolated between two bounds is within a factor of 1.5 of the truth.
+from the reply): six per decade from 10 us to 100 ms (1, 1.5, 2, 3, 5, 7), neighbours
+at most 5/3 apart, so a p50 or p99 interpolated inside a bucket is off by
+less than that bucket's width.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "BACKINGS",
     "BUCKETS",
     "LIFETIMES",
+    "MAX_UIDS",
     "TOP",
     "RequestMetrics",
     "busiest",
@@ -43,6 +45,9 @@ BACKINGS = ("shm", "memfd")
 LIFETIMES = ("persistent", "owner", "refcount", "ttl")
 #: segments and clients listed in ``largest_segments`` and ``busiest_clients``
 TOP = 10
+#: uids listed in ``uids`` at most (those holding the most bytes): the reply
+#: must fit one datagram, and a scrape should not grow with every uid seen
+MAX_UIDS = 200
 
 
 class RequestMetrics:
@@ -150,7 +155,8 @@ def registry_stats(reg: Registry, n: int = TOP) -> dict[str, Any]:
         row[1] += seg.size
     known = {p.uid: p.gids for p in reg.peers.values()}
     uids = []
-    for uid, (used_bytes, used_segments) in sorted(reg.usage.items()):
+    held = heapq.nlargest(MAX_UIDS, reg.usage.items(), key=_bytes_held)
+    for uid, (used_bytes, used_segments) in sorted(held):
         quota = reg.policy.quota(uid, _groups_of(uid, known))
         uids.append(
             {
@@ -173,6 +179,10 @@ def registry_stats(reg: Registry, n: int = TOP) -> dict[str, Any]:
         "ttl_expiries": reg.expired,
         "reclaims": {"done": reg.reclaimed, "lapsed": reg.lapsed},
     }
+
+
+def _bytes_held(usage: tuple[int, list[int]]) -> int:
+    return usage[1][0]
 
 
 def _size(seg: SegmentRecord) -> int:
