@@ -84,6 +84,10 @@ class Tmux:
 
     def kill(self) -> None:
         subprocess.run(["tmux", "-L", self.name, "kill-server"], capture_output=True, timeout=10)
+        # the server leaves its socket file behind
+        tmpdir = os.environ.get("TMUX_TMPDIR", "/tmp")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(tmpdir, f"tmux-{os.getuid()}", self.name))
 
 
 @contextlib.contextmanager
