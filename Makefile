@@ -24,7 +24,8 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 # Debian packages needed to build systemd-python (and any other C extension).
-APT_PACKAGES := libsystemd-dev pkg-config gcc
+# tmux: tests/test_top.py runs `shmbrokerctl top` in a real terminal.
+APT_PACKAGES := libsystemd-dev pkg-config gcc tmux
 # Only for Debian's own interpreter (/usr/bin/python3): its headers and venv
 # support are separate packages. Another interpreter (pyenv, a self-built
 # Python) carries its own headers and venv, so these are not added for it.
@@ -137,20 +138,27 @@ install: $(STAMP_SYSDEPS)
 	install -d -m 0755 $(PREFIX)/doc /etc/shmbroker /usr/lib/sysusers.d /usr/lib/tmpfiles.d
 	install -m 0644 docs/*.md $(PREFIX)/doc/
 	install -m 0644 systemd/shmbrokerd.service systemd/shmbrokerd.socket $(UNITDIR)/
+	install -m 0644 systemd/shmbroker-exporter.service systemd/shmbroker-exporter.socket $(UNITDIR)/
 	install -m 0644 systemd/shmbrokerd.sysusers /usr/lib/sysusers.d/shmbroker.conf
 	install -m 0644 systemd/shmbrokerd.tmpfiles /usr/lib/tmpfiles.d/shmbroker.conf
 	@# The shipped unit has an fd store, so the installed config says so.
-	[ -e /etc/shmbroker/shmbrokerd.toml ] || sed 's/^memfd_fdstore = false/memfd_fdstore = true/' \
+	@# ...and the exporter's user reads stats through the monitor group.
+	[ -e /etc/shmbroker/shmbrokerd.toml ] || sed -e 's/^memfd_fdstore = false/memfd_fdstore = true/' \
+	  -e 's/^monitor_group = ""/monitor_group = "shmbroker-monitor"/' \
 	  config/shmbrokerd.toml > /etc/shmbroker/shmbrokerd.toml
+	[ -e /etc/shmbroker/exporter.toml ] || install -m 0644 config/shmbroker-exporter.toml /etc/shmbroker/exporter.toml
 	systemd-sysusers /usr/lib/sysusers.d/shmbroker.conf
 	systemd-tmpfiles --create /usr/lib/tmpfiles.d/shmbroker.conf
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "installed; start with: systemctl enable --now shmbrokerd.socket"
+	@echo "  and for Prometheus: systemctl enable --now shmbroker-exporter.socket"
 
 uninstall:
 	@[ "$$(id -u)" -eq 0 ] || { echo "error: make uninstall needs root" >&2; exit 1; }
+	if [ -d /run/systemd/system ]; then systemctl disable --now shmbroker-exporter.socket shmbroker-exporter.service || true; fi
 	if [ -d /run/systemd/system ]; then systemctl disable --now shmbrokerd.socket shmbrokerd.service || true; fi
 	rm -f $(UNITDIR)/shmbrokerd.service $(UNITDIR)/shmbrokerd.socket
+	rm -f $(UNITDIR)/shmbroker-exporter.service $(UNITDIR)/shmbroker-exporter.socket
 	rm -f /usr/lib/sysusers.d/shmbroker.conf /usr/lib/tmpfiles.d/shmbroker.conf
 	rm -rf $(PREFIX)
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

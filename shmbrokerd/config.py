@@ -74,6 +74,7 @@ class Config(_Strict):
     state_compact_after: int = Field(default=200_000, ge=1, le=100_000_000)
     shm_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")] = "shmbroker."
     admin_group: str | int = ""
+    monitor_group: str | int = ""
     max_segment_size: int = Field(default=4 * GiB, ge=1)
     max_segments: int = Field(default=100_000, ge=1)
     max_total_bytes: int = Field(default=0, ge=0)

@@ -244,6 +244,19 @@ def cmd_clients(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
         yield format_table((_client_row(c, now) for c in clients), CLIENTS_HEADER)
 
 
+def _extra_rows(extra: dict[str, Any]) -> list[tuple[str, str]]:
+    """The counters ``stats`` added over time: scalars as they are, an object of
+    scalars one row per key; lists and histograms are for --json and ``top``."""
+    rows = []
+    for key, value in extra.items():
+        if isinstance(value, dict):
+            if all(not isinstance(v, dict | list) for v in value.values()):
+                rows += [(f"{key}.{k}:", _scalar(v)) for k, v in value.items()]
+        elif not isinstance(value, list):
+            rows.append((f"{key}:", _scalar(value)))
+    return rows
+
+
 def cmd_stats(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
     stats = broker.stats()
     if args.json:
@@ -255,10 +268,26 @@ def cmd_stats(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
         ("bytes:", f"{human_size(stats.bytes)} ({stats.bytes} bytes)"),
         ("clients:", str(stats.clients)),
     ]
-    counters += [(f"{k}:", _scalar(v)) for k, v in (stats.model_extra or {}).items()]
+    counters += _extra_rows(stats.model_extra or {})
     ops = sorted(stats.requests.keys() | stats.errors.keys())
     by_op = [(op, str(stats.requests.get(op, 0)), str(stats.errors.get(op, 0))) for op in ops]
     yield format_table(counters) + "\n" + format_table(by_op, OPS_HEADER)
+
+
+def cmd_top(broker: Broker, args: argparse.Namespace) -> Iterator[str]:
+    from . import top  # imports this module: not at the top
+
+    def fetch() -> dict[str, Any]:
+        return broker.stats().model_dump(mode="json")
+
+    try:
+        if args.once or args.json or not sys.stdout.isatty():
+            for f in top.stream(fetch, args.interval, args.once):
+                yield top.as_json(f) if args.json else "\n".join(top.render(f)) + "\n"
+        else:
+            top.run_curses(fetch, args.interval)
+    except KeyboardInterrupt:  # Ctrl-C is how one leaves top, like q
+        return
 
 
 def _or_dash(value: int | None) -> str:
@@ -333,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     _command(subs, "stats", cmd_stats, "show the daemon's counters (operators)")
     _command(subs, "watch", cmd_watch, "print lifecycle events until interrupted").add_argument(
         "prefix", nargs="?", default="", metavar="PREFIX", help="only names starting with PREFIX"
+    )
+    top = _command(subs, "top", cmd_top, "live view: rates, latency, segments, clients (operators)")
+    top.add_argument("--once", action="store_true", help="print one refresh and exit")
+    top.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes"
     )
     _command(subs, "reload", cmd_reload, "re-read the daemon's config (operators; prints nothing)")
     _command(

@@ -40,6 +40,7 @@ from .config import (
     restart_needed,
 )
 from .events import EventPublisher, ipc_endpoint_for
+from .metrics import registry_stats, shm_usage
 from .prefix_lock import PrefixLock
 from .registry import Limits, Registry, SegmentRecord
 from .server import Server, ServerLimits
@@ -101,11 +102,14 @@ class Daemon:
         self.events_endpoint = self.config.events or ipc_endpoint_for(self.socket_path)
         self.socket_gid = _gid(self.config.socket_group)
         self.admin_gid = _gid(self.config.admin_group)
+        self.monitor_gid = _gid(self.config.monitor_group)
         self._stop = asyncio.Event()
         self.exit_code = 0
         self.supervisor = Supervisor()
         self.socket_from_systemd = False
         self._lag: asyncio.TimerHandle | None = None
+        #: what the start-up took back from the last run (``stats``: ``recovery``)
+        self.recovery: dict[str, Any] = {}
 
     def _load(self) -> Config:
         return load(self.options.config, self.options.overrides())
@@ -116,8 +120,10 @@ class Daemon:
         loop = asyncio.get_running_loop()
         handover = self.supervisor.take_fds()
         self._prepare()
+        started = time.perf_counter()
         try:
             self._recover(handover.memfds)
+            self.recovery["seconds"] = time.perf_counter() - started
             self.socket_from_systemd = handover.listener is not None
             listener = handover.listener or self._bind()
         except BaseException:  # not started: the prefix is free for another try
@@ -175,10 +181,12 @@ class Daemon:
             hello_info=self.hello_info,
             reload=self.reload,
             is_operator=self.is_operator,
+            is_monitor=self.is_monitor,
             journal=self.state,
             after_replies=self._after_replies,
             memfd_created=self._memfd_created,
             memfd_unlinked=self.supervisor.drop_fd,
+            stats_extra=self.stats_extra,
         )
 
     def _limits(self, cfg: Config) -> Limits:
@@ -208,6 +216,7 @@ class Daemon:
         that no entry names is a leftover of a crash and is unlinked.  Both
         are logged.  Then a fresh snapshot replaces the old state.
         """
+        previous_run = self.state.snapshot.exists() or self.state.journal.exists()
         loaded = self.state.load()
         leases = loaded.leases_by_segment()
         objects = set(self.store.objects())
@@ -249,6 +258,12 @@ class Daemon:
                 self.config.reclaim_window,
             )
         self.state.open()
+        self.recovery = {
+            "restarts": self._count_restart() if previous_run else self.state.restarts(),
+            "segments": kept,
+            "dropped": len(loaded.segments) - kept,
+            "leases": self.registry.unreclaimed(),
+        }
         # what the state file keeps for later snapshots starts from what was
         # restored, compacted now or not (restore journals nothing)
         self.state.keep(self.registry.records())
@@ -256,6 +271,13 @@ class Daemon:
             self.state.compact()
         del loaded, leases
         _give_back_memory()
+
+    def _count_restart(self) -> int:
+        try:
+            return self.state.count_restart()
+        except OSError as exc:  # a counter is not worth failing the start for
+            log.warning("restart count not saved: %s", exc)
+            return self.state.restarts()
 
     def _after_replies(self) -> None:
         """What trails the replies (see ``JOURNAL_LAG``) is caught up with later."""
@@ -373,10 +395,37 @@ class Daemon:
 
     # -- services the server calls -------------------------------------------------
 
+    def stats_extra(self) -> dict[str, Any]:
+        """What ``stats`` adds to the server's counters: the edges' and the gauges."""
+        counters = self.state.counters
+        return {
+            **registry_stats(self.registry),
+            "shm": shm_usage(self.store.shm_dir),
+            "journal": {
+                "writes": counters.writes,
+                "records": counters.records,
+                "failures": counters.write_failures,
+                "snapshots": counters.snapshots,
+                "snapshot_failures": counters.snapshot_failures,
+                "snapshot_seconds": counters.snapshot_seconds,
+                "last_snapshot_seconds": counters.last_snapshot_seconds,
+            },
+            "events": {
+                "published": self.events.published,
+                "dropped": self.events.dropped + self.server.metrics.events_unsaved,
+            },
+            "recovery": self.recovery,
+        }
+
     def is_operator(self, uid: int, gid: int, groups: frozenset[int]) -> bool:
         if uid in (0, os.geteuid()):
             return True
         return self.admin_gid is not None and (gid == self.admin_gid or self.admin_gid in groups)
+
+    def is_monitor(self, uid: int, gid: int, groups: frozenset[int]) -> bool:
+        """May read ``stats`` (and nothing more than anyone): the exporter's group."""
+        mon = self.monitor_gid
+        return mon is not None and (gid == mon or mon in groups)
 
     def hello_info(self) -> dict[str, Any]:
         cfg = self.config
@@ -406,6 +455,7 @@ class Daemon:
         try:
             cfg = self._load()
             admin_gid = _gid(cfg.admin_group)
+            monitor_gid = _gid(cfg.monitor_group)
             policy = build_policy(cfg)
         except ConfigError as exc:
             log.error("reload refused, keeping the old config: %s", exc)
@@ -424,6 +474,7 @@ class Daemon:
             log.warning("reload: %s", restart_needed(changed))
         self.config = cfg
         self.admin_gid = admin_gid
+        self.monitor_gid = monitor_gid
         self.registry.limits = self._limits(cfg)
         self.registry.policy = policy
         self.server.limits = self._server_limits(cfg)

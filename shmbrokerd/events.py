@@ -68,6 +68,9 @@ class EventPublisher:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._ipc_path)
         self._sock.bind(endpoint)
+        #: events handed to zmq, and events zmq refused (a subscriber's own
+        #: queue overflowing inside libzmq is silent: libzmq does not report it)
+        self.published = 0
         self.dropped = 0
         #: topic prefixes subscribed to since the start (see the module's note)
         self.topics: set[bytes] = set()
@@ -134,6 +137,7 @@ class EventPublisher:
         try:
             self._sock.send(ev.name.encode(), _MORE)
             self._sock.send(to_json(body), _LAST)
+            self.published += 1
         except zmq.Again:
             self.dropped += 1
         except zmq.ZMQError as exc:  # never let the stream take the daemon down

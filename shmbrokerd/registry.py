@@ -287,6 +287,11 @@ class Registry:
         self._next_waiter = 1
         self.total_bytes = 0
         self.reclaim_until = 0.0
+        #: lifetime counters for ``stats``: ttl countdowns that ran out, leases
+        #: reclaimed after a restart, leases whose reclaim window ended first
+        self.expired = 0
+        self.reclaimed = 0
+        self.lapsed = 0
         #: what the edge must carry out, in order (handed over by :meth:`drain`)
         self.effects: list[Effect] = []
 
@@ -595,6 +600,8 @@ class Registry:
         if not seg.leases:
             self.by_id.pop(seg.id, None)
         self.effects.append(Unlink(seg))
+        if event == "expired":
+            self.expired += 1
         self._publish(event, seg, peer)
 
     # -- seal, delete, stat, list ----------------------------------------------------
@@ -772,6 +779,7 @@ class Registry:
             raise _refuse(errno.ENOENT, "no such lease to reclaim")
         lease.peer = peer.id
         peer.leases.add(token)
+        self.reclaimed += 1
         return Grant(lease.segment, token, lease.access, fd=False)
 
     def end_reclaim_window(self, now: float) -> None:
@@ -779,6 +787,7 @@ class Registry:
         self.reclaim_until = 0.0
         for token in [t for t, lease in self.leases.items() if lease.peer is None]:
             self._end_lease(token, None, now)
+            self.lapsed += 1
 
     def unreclaimed(self) -> int:
         return sum(1 for lease in self.leases.values() if lease.peer is None)

@@ -32,6 +32,7 @@ from shmbroker import wire
 from shmbroker.errors import BrokerError, error_from_errno
 
 from .backing import Store
+from .metrics import RequestMetrics, busiest
 from .protocol import decode, encode_done, encode_error, encode_grant, encode_ok, error_code
 from .registry import (
     ArmTimer,
@@ -61,6 +62,7 @@ _MSG_TRUNC = int(socket.MSG_TRUNC)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _SOL_SOCKET = socket.SOL_SOCKET
 _SCM_RIGHTS = socket.SCM_RIGHTS
+_clock = time.perf_counter
 
 
 class Journal(Protocol):
@@ -90,6 +92,7 @@ class Connection:
     queue: deque[tuple[bytes, list[int]]] = field(default_factory=deque)
     writing: bool = False
     closed: bool = False
+    requests: int = 0  # for the busiest-clients list of ``stats``
 
 
 class Server:
@@ -105,10 +108,12 @@ class Server:
         hello_info: Callable[[], dict[str, Any]],
         reload: Callable[[], list[str]],
         is_operator: Callable[[int, int, frozenset[int]], bool],
+        is_monitor: Callable[[int, int, frozenset[int]], bool] = lambda uid, gid, groups: False,
         journal: Journal,
         after_replies: Callable[[], None] = lambda: None,
         memfd_created: Callable[[str], None] = lambda segment_id: None,
         memfd_unlinked: Callable[[str], None] = lambda segment_id: None,
+        stats_extra: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         self.registry = registry
         self.store = store
@@ -117,10 +122,15 @@ class Server:
         self._hello_info = hello_info
         self._reload = reload
         self._is_operator = is_operator
+        self._is_monitor = is_monitor
         self._journal = journal
         self._after_replies = after_replies
         self._memfd_created = memfd_created
         self._memfd_unlinked = memfd_unlinked
+        self._stats_extra = stats_extra
+        self.metrics = RequestMetrics()
+        self._observe = self.metrics.observe  # per request: one lookup less
+        self._received = 0.0  # when the request being handled was read
         self.conns: dict[int, Connection] = {}
         # one receive buffer, reused: a datagram is copied out at its own size
         self._rbuf = bytearray(wire.MAX_MESSAGE + 1)
@@ -307,6 +317,7 @@ class Server:
                 log.error(
                     "%d events dropped, their changes not on file: %s", len(self._events), exc
                 )
+                self.metrics.events_unsaved += len(self._events)
                 self._events.clear()
             else:
                 self._flush_events()
@@ -314,10 +325,13 @@ class Server:
             self._after_replies()  # may trail a while (the daemon's JOURNAL_LAG)
 
     def _handle(self, conn: Connection, data: bytes, nfds: int, truncated: bool) -> None:
+        self._received = received = _clock()
+        conn.requests += 1
         rid, req = decode(data, nfds=nfds, truncated=truncated)
         if isinstance(req, BrokerError):
             self.requests["invalid"] += 1
             self._refuse(conn, rid, "invalid", req)
+            self._observe("invalid", _clock() - received)
             return
         op = req.op
         self.requests[op] += 1
@@ -336,7 +350,9 @@ class Server:
                 log.error("internal error in %s", op, exc_info=exc)
                 self._refuse(conn, req.id, op, error_from_errno(errno.EIO, "internal error"))
         finally:
-            if not self._replied:  # a waiting open: nothing went out to run them
+            if self._replied:
+                self._observe(op, _clock() - received)
+            else:  # a waiting open: nothing went out to run them
                 self.run_effects()
 
     def _refuse(
@@ -344,6 +360,7 @@ class Server:
     ) -> None:
         self.errors[op] += 1
         code = error_code(exc)
+        self.metrics.refused(op, code)
         if code in ("EACCES", "EPERM", "EDQUOT"):
             peer = conn.peer
             log.info(
@@ -399,6 +416,7 @@ class Server:
             self._wait_timers[outcome.waiter] = self._loop.call_later(
                 outcome.timeout, self._wait_expired, outcome.waiter
             )
+            self.metrics.wait_started(outcome.waiter, self._received)
             return
         self._send_grant(conn, req.id, outcome)
 
@@ -475,7 +493,9 @@ class Server:
         self._send(conn, encode_ok(req.id, {"clients": clients, "next": nxt}), [])
 
     def _op_stats(self, conn: Connection, req: wire.Stats) -> None:
-        self._require_operator(conn, "stats")
+        peer = conn.peer
+        if not peer.operator and not self._is_monitor(peer.uid, peer.gid, peer.groups):
+            raise error_from_errno(errno.EACCES, "stats is for operators only")
         self._send(conn, encode_ok(req.id, self.stats()), [])
 
     def _op_drop(self, conn: Connection, req: wire.Drop) -> None:
@@ -509,6 +529,12 @@ class Server:
             "clients": len(self.conns),
             "requests": dict(self.requests),
             "errors": dict(self.errors),
+            "started": self.started,
+            "errors_by_errno": self.metrics.errors_by_errno(),
+            "latency": self.metrics.latency(),
+            "waiting_opens": sum(len(c.peer.waiters) for c in self.conns.values()),
+            "busiest_clients": busiest(self.conns.values()),
+            **self._stats_extra(),
         }
 
     # -- grants, effects, timers -------------------------------------------------
@@ -577,6 +603,7 @@ class Server:
                 timer.cancel()
             conn = self.conns.get(eff.peer)
             if conn is None:
+                self.metrics.waited(eff.waiter, None)
                 return
             replied = self._replied  # these answer another request than the one handled
             try:
@@ -590,6 +617,7 @@ class Server:
                     self._refuse(conn, eff.request_id, "open", eff.error)
             finally:
                 self._replied = replied
+                self.metrics.waited(eff.waiter, _clock())
 
     def _flush_events(self) -> None:
         events, self._events = self._events, []
@@ -702,6 +730,7 @@ class Server:
             timer = self._wait_timers.pop(wid, None)
             if timer is not None:
                 timer.cancel()
+            self.metrics.waited(wid, None)
         self.registry.disconnect(peer.id, time.time())
         self._run_effects_logged("disconnect")
 

@@ -32,13 +32,15 @@ import contextlib
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from pydantic_core import from_json, to_json
 
-__all__ = ["Loaded", "StateFile"]
+__all__ = ["Loaded", "StateCounters", "StateFile"]
 
 log = logging.getLogger("shmbrokerd.state")
 
@@ -145,6 +147,7 @@ class StateFile:
         self._unsettled: list[tuple[Record, bytes]] = []
         self._torn = False  # did the last write fail, maybe halfway through a line?
         self._journaled = 0
+        self.counters = StateCounters()
 
     # -- reading -----------------------------------------------------------------
 
@@ -240,8 +243,11 @@ class StateFile:
                 view = view[os.write(self._fd, view) :]
         except OSError:
             self._torn = True
+            self.counters.write_failures += 1
             raise
         self._torn = False
+        self.counters.writes += 1
+        self.counters.records += len(self._buffer)
         self._journaled += len(self._buffer)
         self._buffer.clear()
         self.urgent = False
@@ -270,6 +276,15 @@ class StateFile:
         registry's view, after recovery reconciled it with ``/dev/shm``),
         else of what the journal says is live (while serving).
         """
+        started = time.perf_counter()
+        try:
+            self._compact(records)
+        except OSError:
+            self.counters.snapshot_failures += 1
+            raise
+        self.counters.snapshot_took(time.perf_counter() - started)
+
+    def _compact(self, records: Iterable[Record] | None) -> None:
         self.flush()
         if records is not None:
             self.keep(records)
@@ -297,6 +312,28 @@ class StateFile:
         self._journaled = 0
         self._compact_at = self.compact_after
 
+    def count_restart(self) -> int:
+        """One more start that found a previous run's state; the count so far.
+
+        Kept in its own small file (replaced atomically), read by ``stats``.
+        """
+        path = self.dir / "restarts"
+        try:
+            count = int(path.read_text()) + 1
+        except (FileNotFoundError, ValueError):
+            count = 1
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{count}\n")
+        os.rename(tmp, path)
+        return count
+
+    def restarts(self) -> int:
+        """How many starts found a previous run's state (0 before the first)."""
+        try:
+            return int((self.dir / "restarts").read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
     def close(self) -> None:
         """Write what is left if it can (a failure was said already), then close."""
         with contextlib.suppress(OSError):
@@ -304,6 +341,25 @@ class StateFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+@dataclass
+class StateCounters:
+    """What the state file did, for ``stats``."""
+
+    #: successful journal writes (one ``write`` holds the records of a reply or more)
+    writes: int = 0
+    records: int = 0
+    write_failures: int = 0
+    snapshots: int = 0
+    snapshot_failures: int = 0
+    snapshot_seconds: float = 0.0
+    last_snapshot_seconds: float = 0.0
+
+    def snapshot_took(self, seconds: float) -> None:
+        self.snapshots += 1
+        self.snapshot_seconds += seconds
+        self.last_snapshot_seconds = seconds
 
 
 def _read_snapshot(path: Path) -> list[Record]:

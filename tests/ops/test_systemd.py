@@ -39,6 +39,9 @@ pytestmark = [pytest.mark.systemd, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "shmbrokerd.service"
 SOCKET_UNIT = "shmbrokerd.socket"
+EXPORTER = "shmbroker-exporter.service"
+EXPORTER_SOCKET = "shmbroker-exporter.socket"
+SCRAPE = "http://127.0.0.1:9839/metrics"
 SOCK = "/run/shmbroker/shmbroker.sock"
 PY = "/opt/shmbroker/bin/python"
 CONFIG = "/etc/shmbroker/shmbrokerd.toml"
@@ -561,21 +564,25 @@ def test_stop_is_clean_and_keeps_held_segments(box: Box) -> None:
     box.wait_journal("stopped")
 
 
-def test_units_verify_and_score_safe(box: Box) -> None:
-    """(j) `systemd-analyze security` <= 1.0 and `systemd-analyze verify` clean."""
+@pytest.mark.parametrize("service", [SERVICE, EXPORTER])
+def test_units_verify_and_score_safe(box: Box, service: str) -> None:
+    """(j) `systemd-analyze security` <= 1.0 and `systemd-analyze verify` clean,
+    for the daemon's units and the exporter's."""
     sec = box.sbx.run(
-        ["systemd-analyze", "security", "--offline=yes", str(REPO / "systemd" / SERVICE)],
+        ["systemd-analyze", "security", "--offline=yes", str(REPO / "systemd" / service)],
         check=False,
     )
-    match = re.search(r"Overall exposure level for shmbrokerd\.service: (\d+\.\d+)", sec.stdout)
+    name = re.escape(service)
+    match = re.search(rf"Overall exposure level for {name}: (\d+\.\d+)", sec.stdout)
     assert match, sec.stdout[-2000:] + sec.stderr
     assert float(match.group(1)) <= 1.0, sec.stdout
+    socket_unit = service.replace(".service", ".socket")
     ver = box.sbx.run(
         [
             "systemd-analyze",
             "verify",
-            f"/etc/systemd/system/{SERVICE}",
-            f"/etc/systemd/system/{SOCKET_UNIT}",
+            f"/etc/systemd/system/{service}",
+            f"/etc/systemd/system/{socket_unit}",
         ],
         check=False,
     )
@@ -613,6 +620,65 @@ def test_journal_carries_the_structured_fields_of_a_denial(box: Box) -> None:
     }, f"journal entry lacks the structured fields: {entries[-1]}"
 
 
+SCRAPE_CODE = """
+import urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+
+def scrape():
+    body = urllib.request.urlopen(SCRAPE, timeout=10).read().decode()
+    return {s.name + json.dumps(s.labels, sort_keys=True): s.value
+            for f in text_string_to_metric_families(body) for s in f.samples}
+"""
+
+
+def test_exporter_is_socket_activated_and_scrapes_the_daemon(box: Box) -> None:
+    """The exporter's socket unit listens on 127.0.0.1:9839; the first scrape starts
+    the service (its own user, the daemon's monitor_group), which asks the daemon;
+    with the daemon stopped it answers shmbroker_up 0 and logs why."""
+    sbx = box.sbx
+    sbx.run(["ip", "link", "set", "lo", "up"])  # the sandbox's net namespace: lo only
+    sbx.systemctl("start", EXPORTER_SOCKET)
+    try:
+        assert box.is_active(EXPORTER) == "inactive"
+        assert box.is_active(SERVICE) == "inactive"
+        out = box.client(
+            SCRAPE_CODE.replace("SCRAPE", repr(SCRAPE))
+            + """
+b = Broker(SOCK)
+seg = b.create("metrics/x", 1 << 20, lifetime="refcount")
+out["during"] = scrape()
+seg.close()
+b.close()
+out["after"] = scrape()
+"""
+        )
+        assert box.is_active(EXPORTER) == "active"
+        during, after = out["during"], out["after"]
+        kind = '{"backing": "shm", "lifetime": "refcount"}'
+        assert during["shmbroker_up{}"] == 1
+        assert during["shmbroker_segments" + kind] == 1
+        assert during["shmbroker_segments_bytes" + kind] == 1 << 20
+        assert after["shmbroker_segments" + kind] == 0
+        assert after['shmbroker_requests_total{"op": "create"}'] == 1
+        assert after['shmbroker_request_duration_seconds_count{"op": "create"}'] == 1
+        user = box.show("User", "MainPID", unit=EXPORTER)
+        assert user["User"] == "shmbroker-exporter"
+        status = sbx.run(["cat", f"/proc/{user['MainPID']}/status"]).stdout
+        uid = re.search(r"^Uid:\s+(\d+)", status, re.M)
+        assert uid
+        assert int(uid.group(1)) != 0
+
+        sbx.systemctl("stop", SERVICE, SOCKET_UNIT)
+        down = box.client(SCRAPE_CODE.replace("SCRAPE", repr(SCRAPE)) + 'out["down"] = scrape()\n')
+        assert down["down"] == {"shmbroker_up{}": 0}
+        deadline = time.monotonic() + 10
+        while "does not answer" not in sbx.journal(EXPORTER):
+            assert time.monotonic() < deadline, sbx.journal(EXPORTER)
+            time.sleep(0.1)
+    finally:
+        sbx.systemctl("stop", EXPORTER, EXPORTER_SOCKET, check=False)
+
+
 def test_uninstall_reverses_install(box: Box) -> None:
     """`make uninstall` stops the units and removes what `make install` put in place,
     keeping the config, the state and the user (runs last: the module's install is gone)."""
@@ -621,6 +687,8 @@ def test_uninstall_reverses_install(box: Box) -> None:
     gone = [
         f"/etc/systemd/system/{SERVICE}",
         f"/etc/systemd/system/{SOCKET_UNIT}",
+        f"/etc/systemd/system/{EXPORTER}",
+        f"/etc/systemd/system/{EXPORTER_SOCKET}",
         "/usr/lib/sysusers.d/shmbroker.conf",
         "/usr/lib/tmpfiles.d/shmbroker.conf",
         "/opt/shmbroker",
