@@ -26,7 +26,7 @@ from . import wire
 from ._sync import Broker
 from .errors import BrokerError
 
-__all__ = ["broker_name", "default_broker", "translate"]
+__all__ = ["broker_name", "default_broker", "forget_default", "translate"]
 
 #: the component under which names outside the broker's alphabet are kept
 ESCAPED = ".psm"
@@ -85,11 +85,12 @@ def default_broker() -> Broker:
         return _default[1]
 
 
-def reset_after_fork() -> None:
-    """Forget the parent's connection in a forked child (its lock may be held)."""
+def forget_default() -> None:
+    """Forget the default connection (in a forked child, where the parent's
+    lock may be held; or to follow a changed ``$SHMBROKER_SOCKET``)."""
     global _default, _lock
     _default = None
     _lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=reset_after_fork)
+os.register_at_fork(after_in_child=forget_default)
