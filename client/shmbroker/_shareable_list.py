@@ -150,6 +150,8 @@ class ShareableList:
         return buf
 
     def _position(self, position: int) -> int:
+        """``position`` from 0, or CPython's ``IndexError`` (also for one
+        before the start, which CPython lets read and write out of bounds)."""
         position = position if position >= 0 else position + self._list_len
         if not 0 <= position < self._list_len:
             raise IndexError("Requested position out of range.")
@@ -175,8 +177,8 @@ class ShareableList:
         struct.pack_into("b", mem, self._offset_back_transform_codes + position, _code_of(value))
 
     def __getitem__(self, position: int) -> Any:
-        position = position if position >= 0 else position + self._list_len
         try:
+            position = self._position(position)
             fmt = self._get_packing_format(position)
             offset = self._offset_data_start + self._allocated_offsets[position]
         except IndexError:
@@ -185,8 +187,8 @@ class ShareableList:
         return _back(self._get_back_transform_code(position), value)
 
     def __setitem__(self, position: int, value: Any) -> None:
-        position = position if position >= 0 else position + self._list_len
         try:
+            position = self._position(position)
             current = self._get_packing_format(position)
             start = self._allocated_offsets[position]
         except IndexError:
