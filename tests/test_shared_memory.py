@@ -10,6 +10,7 @@ migrated program would; each prints nothing on stderr, which is checked.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import pickle
@@ -71,7 +72,9 @@ if how == "close":
 @pytest.mark.parametrize("track", [True, False])
 def test_segment_outlives_its_creator_and_attachers(how: str, track: bool) -> None:
     """gh-82300, gh-84140: the creator's exit unlinks nothing; gh-104291: nor an
-    attacher's; gh-116849: no "leaked" warning at any exit."""
+    attacher's; gh-116849: no "leaked" warning at any exit.  With ``track=True``
+    and ``track=False`` alike (CPython 3.13's test_shared_memory_tracking and
+    _untracking, inverted: both keep the segment)."""
     proc = run_client(CREATOR.format(kw=f"track={track}", how=how), "", check=False)
     assert proc.returncode == {"sigkill": -signal.SIGKILL, "exception": 3}.get(how, 0)
     assert proc.stderr == ""
@@ -79,7 +82,7 @@ def test_segment_outlives_its_creator_and_attachers(how: str, track: bool) -> No
     try:
         for _ in range(2):  # two unrelated attachers in turn, each exiting
             out = child(
-                f"shm = shared_memory.SharedMemory({name!r})\n"
+                f"shm = shared_memory.SharedMemory({name!r}, track={track})\n"
                 "print(bytes(shm.buf[:5]).decode(), shm.size)\n"
             )
             assert out.split() == ["hello", "4096"]
@@ -406,6 +409,21 @@ def test_fork_child_uses_its_own_connection() -> None:
         shm.unlink()
 
 
+def test_collected_during_a_call_of_its_connection() -> None:
+    """A finalizer run inside the connection's lock must not wait for it."""
+    shm = SharedMemory(create=True, size=8)
+    name = shm.name
+    cycle: list[Any] = [shm]
+    cycle.append(cycle)
+    del shm
+    with default_broker()._lock:  # as if a call were in flight in this thread
+        del cycle
+        gc.collect()
+    again = SharedMemory(name)
+    again.unlink()
+    again.close()
+
+
 # -- the extras ---------------------------------------------------------------
 
 
@@ -505,6 +523,12 @@ def test_extras_are_refused_where_they_mean_nothing() -> None:
         SharedMemory("x", lifetime="owner")
     with pytest.raises(ValueError, match="positive"):
         SharedMemory(create=True, size=-1)
+    with pytest.raises(TypeError, match="'redonly'"):
+        SharedMemory("x", redonly=True)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="'lifetim'"):
+        ShareableList([1], lifetim="owner")  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="attaching"):
+        ShareableList([1], readonly=True)
 
 
 def test_ttl_lifetime() -> None:

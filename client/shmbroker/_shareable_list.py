@@ -23,12 +23,10 @@ import functools
 import struct
 import types
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
-
-from ._api import Lifetime
+from typing import TYPE_CHECKING, Any, Unpack
 
 if TYPE_CHECKING:
-    from ._sync import Broker
+    from ._shm_names import Extras
     from .shared_memory import SharedMemory
 
 __all__ = ["ShareableList"]
@@ -85,18 +83,12 @@ class ShareableList:
         sequence: Iterable[Any] | None = None,
         *,
         name: str | None = None,
-        mode: int | None = None,
-        readonly: bool = False,
-        wait: float | None = None,
-        lifetime: Lifetime = "persistent",
-        ttl: float | None = None,
-        broker: Broker | None = None,
+        **extras: Unpack[Extras],
     ) -> None:
         from .shared_memory import SharedMemory
 
-        extras: dict[str, Any] = {"mode": mode, "lifetime": lifetime, "ttl": ttl, "broker": broker}
         if name is not None and sequence is None:
-            self.shm: SharedMemory = SharedMemory(name, readonly=readonly, wait=wait, **extras)
+            self.shm: SharedMemory = SharedMemory(name, **extras)
             self._list_len = len(self)
             self._allocated_offsets: list[int] = list(
                 struct.unpack_from(self._format_size_metainfo, self._mem, 8)
@@ -116,8 +108,6 @@ class ShareableList:
             + self._format_packing_metainfo
             + self._format_back_transform_codes
         )
-        if readonly or wait is not None:
-            raise ValueError("'readonly' and 'wait' apply to attaching, not to creating")
         self.shm = SharedMemory(name, create=True, size=size, **extras)
         mem = self._mem
         struct.pack_into(

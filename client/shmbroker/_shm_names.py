@@ -19,14 +19,35 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from typing import TypedDict
 
 from pydantic_core import PydanticCustomError
 
 from . import wire
+from ._api import Lifetime
 from ._sync import Broker
 from .errors import BrokerError
 
-__all__ = ["broker_name", "default_broker", "forget_default", "translate"]
+__all__ = ["Extras", "broker_name", "check_extras", "default_broker", "forget_default", "translate"]
+
+
+class Extras(TypedDict, total=False):
+    """The keyword-only extras of SharedMemory (and ShareableList), beyond CPython's."""
+
+    mode: int | None
+    readonly: bool
+    wait: float | None
+    lifetime: Lifetime
+    ttl: float | None
+    broker: Broker | None
+
+
+def check_extras(extras: Extras) -> None:
+    """``TypeError`` for a keyword that is no extra (``**`` would take it silently)."""
+    unknown = sorted(extras.keys() - Extras.__annotations__.keys())
+    if unknown:
+        raise TypeError(f"SharedMemory() got an unexpected keyword argument {unknown[0]!r}")
+
 
 #: the component under which names outside the broker's alphabet are kept
 ESCAPED = ".psm"

@@ -24,11 +24,11 @@ import functools
 import multiprocessing
 import os
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
-from ._api import Access, Lifetime
+from ._api import Access
 from ._shareable_list import ShareableList
-from ._shm_names import broker_name, default_broker, translate
+from ._shm_names import Extras, broker_name, check_extras, default_broker, translate
 from .errors import BrokerError
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ class SharedMemory:
     # Defaults, as CPython's: close() and unlink() work on a half-made object.
     _name: str | None = None
     _segment: Segment | None = None
+    _via: Broker | None = None
     _buf: memoryview | None = None
     _flags = os.O_RDWR
     _mode = 0o600
@@ -90,12 +91,7 @@ class SharedMemory:
         size: int = 0,
         *,
         track: bool = True,
-        mode: int | None = None,
-        readonly: bool = False,
-        wait: float | None = None,
-        lifetime: Lifetime = "persistent",
-        ttl: float | None = None,
-        broker: Broker | None = None,
+        **extras: Unpack[Extras],
     ) -> None:
         if not size >= 0:
             raise ValueError("'size' must be a positive integer")
@@ -105,6 +101,10 @@ class SharedMemory:
                 raise ValueError("'size' must be a positive number different from zero")
         if name is None and not self._flags & os.O_EXCL:
             raise ValueError("'name' can only be None if create=True")
+        check_extras(extras)
+        mode, wait, ttl = extras.get("mode"), extras.get("wait"), extras.get("ttl")
+        lifetime, broker = extras.get("lifetime", "persistent"), extras.get("broker")
+        readonly = extras.get("readonly", False)
         creating = bool(self._flags & os.O_CREAT)
         readonly = readonly or self._flags & os.O_ACCMODE == os.O_RDONLY
         if creating and (readonly or wait is not None):
@@ -138,7 +138,7 @@ class SharedMemory:
         """Create or open ``name`` as ``_flags`` say, with CPython's errors."""
         bname = broker_name(name)
         size, lifetime, ttl, mode = self._create_args
-        broker = self._conn()
+        broker = self._via = self._conn()
         try:
             if self._flags & os.O_EXCL:
                 return broker.create(bname, size, lifetime, ttl, mode)
@@ -155,8 +155,22 @@ class SharedMemory:
             raise translate(exc, name) from None
 
     def __del__(self) -> None:
+        if self._via is not None and self._via._lock.locked():
+            # Collected during a call of our connection, maybe in this thread:
+            # a release now could deadlock.  The lease ends with the connection.
+            self._drop()
+            return
         with contextlib.suppress(Exception):  # a finalizer, maybe at interpreter exit
             self.close()
+
+    def _drop(self) -> None:
+        """Let go of the view but not of the lease."""
+        buf, self._buf, self._segment = self._buf, None, None
+        if buf is not None:
+            try:  # noqa: SIM105 (as in Segment.close)
+                buf.release()
+            except BufferError:  # views of it are alive: they keep the mapping
+                pass
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         cls: Callable[..., SharedMemory] = self.__class__
@@ -211,17 +225,11 @@ class SharedMemory:
         (a numpy array, a slice kept) stays mapped until those views go.
         In a forked child the parent's lease is left alone.
         """
-        segment, self._segment = self._segment, None
-        buf, self._buf = self._buf, None
-        if segment is None:
+        segment = self._segment
+        if segment is None or os.getpid() != self._pid:  # inherited: the lease is the parent's
+            self._drop()
             return
-        if os.getpid() != self._pid:  # inherited through fork: the lease is the parent's
-            if buf is not None:
-                try:  # noqa: SIM105 (as in Segment.close)
-                    buf.release()
-                except BufferError:
-                    pass
-            return
+        self._segment = self._buf = None
         segment.close()
 
     def unlink(self) -> None:
