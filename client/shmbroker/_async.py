@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _api, wire
+from . import _api, _idle, wire
 from ._api import Access, Backing, Lifetime
 from ._paths import socket_path
 from ._protocol import ClientProtocol, Reply
@@ -39,9 +39,12 @@ class AsyncBroker:
     call made on this broker after it is served after the release.
     """
 
-    def __init__(self, path: str, reconnect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, path: str, reconnect_timeout: float = 10.0, idle: _idle.IdleArg = _idle.DEFAULT
+    ) -> None:
         self.path = path
         self.reconnect_timeout = reconnect_timeout
+        self._idle = _idle.Idle(idle)
         self._sock = _api.sock_for(path)
         self._proto = ClientProtocol()
         self._waiting: dict[int, asyncio.Future[Reply]] = {}
@@ -55,9 +58,14 @@ class AsyncBroker:
 
     @classmethod
     def connect(
-        cls, socket: str | os.PathLike[str] | None = None, *, reconnect_timeout: float = 10.0
+        cls,
+        socket: str | os.PathLike[str] | None = None,
+        *,
+        reconnect_timeout: float = 10.0,
+        idle: _idle.IdleArg = _idle.DEFAULT,
     ) -> _Connecting:
-        return _Connecting(cls(socket_path(socket), reconnect_timeout))
+        """``idle`` as for :class:`~shmbroker.Broker`, but no spin while the loop has other work."""
+        return _Connecting(cls(socket_path(socket), reconnect_timeout, idle))
 
     async def _connect(self) -> AsyncBroker:
         self._loop = asyncio.get_running_loop()
@@ -150,7 +158,10 @@ class AsyncBroker:
         self._waiting[rid] = fut
         try:
             await self._loop.sock_sendall(self._sock, data)
-            return await fut
+            spun = _idle.spin_loop(self._loop, self._idle, self._readable, fut.done)
+            reply = await fut
+            _idle.finish(self._idle, spun)
+            return reply
         except ConnectionError:
             self._fail(_api.connection_lost(self.path))
             raise _api.connection_lost(self.path) from None

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _api, wire
+from . import _api, _idle, wire
 from ._api import Access, Backing, Lifetime
 from ._paths import socket_path
 from ._protocol import ClientProtocol, Reply
@@ -47,6 +47,13 @@ class Broker:
     sends the release without waiting, a round trip less per segment: this
     broker's next call still sees the release (the daemon serves a
     connection's requests in order), other clients a moment later.
+
+    ``idle`` is how a call waits for its reply (docs/performance.md, "Idle
+    strategies"): ``"adaptive"`` (the default) polls the socket for up to
+    100 us, adapted to how fast replies come, before it blocks;
+    ``"block"`` blocks at once; ``"spin"`` always polls 100 us; a number
+    polls that many microseconds.  No strategy spins on a one-CPU process.
+    Raises ``ValueError``/``TypeError`` for another ``idle``.
     """
 
     def __init__(
@@ -55,10 +62,12 @@ class Broker:
         *,
         reconnect_timeout: float = 10.0,
         pipeline_release: bool = False,
+        idle: _idle.IdleArg = _idle.DEFAULT,
     ) -> None:
         self.path = socket_path(socket)
         self.reconnect_timeout = reconnect_timeout
         self.pipeline_release = pipeline_release
+        self._idle = _idle.Idle(idle)
         self._proto = ClientProtocol()
         self._lock = threading.Lock()
         self._closed = False
@@ -199,7 +208,7 @@ class Broker:
 
     def _receive(self, sock: _socket.socket) -> Reply | None:
         """Read one reply (None: one nobody waits for); raise if the daemon is gone."""
-        msg, anc, _flags, _ = sock.recvmsg(_api.RECV_SIZE, _api.ANC_SIZE)
+        msg, anc, _flags, _ = _idle.recvmsg(sock, self._idle, _api.RECV_SIZE, _api.ANC_SIZE)
         fds = _api.split_fds(anc)
         if not msg:
             raise _api.connection_lost(self.path)
