@@ -92,6 +92,10 @@ class Env:
         return OPEN_NAME
 
     def worker(self, kind: str, *args: str, warmup: int | None = None) -> Worker:
+        if kind.startswith("raw-") and "@" not in kind:
+            # with an idle strategy from the start: the import of the client
+            # library it needs is then done before the measuring starts
+            kind = f"{kind}@{self.settings.idles[0]}"
         w = Worker(kind, *args, warmup=self.settings.warmup if warmup is None else warmup)
         self.workers.append(w)
         return w
