@@ -15,6 +15,7 @@ import pytest
 from shmbroker import AsyncBroker, Broker, _idle
 from shmbroker._idle import (
     BLOCKED,
+    BUSY_CHECK_NS,
     CAP,
     FORCED,
     GROW_START_NS,
@@ -73,7 +74,7 @@ def test_one_cpu_never_spins() -> None:
 
 def test_affinity_is_checked_again_each_window() -> None:
     n = [2]
-    idle = Idle("spin", count_cpus=lambda: n[0])
+    idle = Idle("spin", count_cpus=lambda: n[0], count_runnable=lambda: 1)
     assert idle.begin(0) == SPIN_NS
     n[0] = 1  # pinned to one CPU while running
     assert idle.begin(WINDOW_NS // 2) == SPIN_NS  # not seen before the window ends
@@ -82,8 +83,20 @@ def test_affinity_is_checked_again_each_window() -> None:
     assert idle.begin(2 * WINDOW_NS) == SPIN_NS
 
 
+def test_no_spin_while_the_machine_has_more_runnable_tasks_than_cpus() -> None:
+    tasks = [5]
+    for mode in ("spin", "adaptive", 500):
+        tasks[0] = 5
+        idle = Idle(mode, count_cpus=lambda: 2, count_runnable=lambda: tasks[0])  # type: ignore[arg-type]
+        assert idle.begin(0) == 0
+        assert idle.kind == FORCED
+        tasks[0] = 2  # the daemon and this client: a CPU each
+        assert idle.begin(BUSY_CHECK_NS // 2) == 0  # not looked at again yet
+        assert idle.begin(BUSY_CHECK_NS) > 0 or idle.kind == BLOCKED
+
+
 def test_missed_spins_are_capped_per_window() -> None:
-    idle = Idle(100, count_cpus=lambda: 2)
+    idle = Idle(100, count_cpus=lambda: 2, count_runnable=lambda: 1)
     t = 0
     misses = 0
     while idle.begin(t) and misses < 10_000:
@@ -96,7 +109,7 @@ def test_missed_spins_are_capped_per_window() -> None:
 
 
 def test_spins_that_caught_their_reply_are_not_capped() -> None:
-    idle = Idle(100, count_cpus=lambda: 2)
+    idle = Idle(100, count_cpus=lambda: 2, count_runnable=lambda: 1)
     for i in range(20_000):  # 20,000 x 40 us = 0.8 s of spinning, all of it caught
         assert idle.begin(i * 40 * US) == 100 * US
         idle.end(100 * US, 40 * US)
@@ -109,7 +122,7 @@ def _spinning(idle: Idle) -> Idle:
 
 
 def test_adaptive_budget_grows_when_a_reply_just_missed_the_spin() -> None:
-    idle = _spinning(Idle("adaptive", count_cpus=lambda: 2))
+    idle = _spinning(Idle("adaptive", count_cpus=lambda: 2, count_runnable=lambda: 1))
     idle.budget = 20 * US
     budget = idle.begin(0, draw=lambda: 0.99)
     assert budget == 20 * US
@@ -122,7 +135,7 @@ def test_adaptive_budget_grows_when_a_reply_just_missed_the_spin() -> None:
 
 
 def test_adaptive_budget_shrinks_to_blocking_when_replies_come_late() -> None:
-    idle = _spinning(Idle("adaptive", count_cpus=lambda: 2))
+    idle = _spinning(Idle("adaptive", count_cpus=lambda: 2, count_runnable=lambda: 1))
     seen = []
     for _ in range(8):
         budget = idle.begin(0, draw=lambda: 0.99)
@@ -138,7 +151,7 @@ def test_adaptive_budget_shrinks_to_blocking_when_replies_come_late() -> None:
 
 
 def test_adaptive_budget_stays_when_the_spin_catches_replies() -> None:
-    idle = _spinning(Idle("adaptive", count_cpus=lambda: 2))
+    idle = _spinning(Idle("adaptive", count_cpus=lambda: 2, count_runnable=lambda: 1))
     for _ in range(100):
         budget = idle.begin(0, draw=lambda: 0.99)
         idle.end(budget, 40 * US)
@@ -146,7 +159,7 @@ def test_adaptive_budget_stays_when_the_spin_catches_replies() -> None:
 
 
 def test_adaptive_uses_the_way_that_waits_less_and_keeps_measuring_the_other() -> None:
-    idle = Idle("adaptive", count_cpus=lambda: 2)
+    idle = Idle("adaptive", count_cpus=lambda: 2, count_runnable=lambda: 1)
     # one wait each way first
     assert idle.begin(0) == 0
     assert idle.kind == BLOCKED
@@ -166,7 +179,7 @@ def test_adaptive_uses_the_way_that_waits_less_and_keeps_measuring_the_other() -
 
 
 def test_fixed_strategies_do_not_adapt() -> None:
-    idle = Idle("spin", count_cpus=lambda: 2)
+    idle = Idle("spin", count_cpus=lambda: 2, count_runnable=lambda: 1)
     for _ in range(10):
         idle.end(idle.begin(0), 10 * MS)
     assert idle.budget == SPIN_NS
@@ -188,7 +201,7 @@ def test_forced_blocks_teach_nothing() -> None:
 def test_recvmsg_spins_then_blocks_on_a_real_socket() -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with a, b:
-        idle = Idle(200)
+        idle = Idle(200, count_runnable=lambda: 1)
         timer = threading.Timer(0.05, b.send, (b"late",))
         timer.start()
         t0 = time.monotonic()
@@ -216,7 +229,7 @@ def test_async_never_spins_while_the_loop_has_other_work() -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        idle = Idle("spin")
+        idle = Idle("spin", count_runnable=lambda: 1)
         loop.call_soon(lambda: None)  # ready work
         assert _idle.spin_loop(loop, idle, lambda: polls.append(1), lambda: False) == (0, 0)
         assert polls == []
@@ -245,6 +258,7 @@ def test_async_never_spins_while_the_loop_has_other_work() -> None:
 @two_cpus
 def test_a_spinning_open_with_wait_still_times_out(daemon: DaemonProc) -> None:
     with Broker(daemon.socket, idle=1000) as b:
+        b._idle.count_runnable = lambda: 1  # spin whatever else runs on the machine
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
             b.open("idle/never", wait=0.3)
@@ -256,6 +270,7 @@ def test_a_spinning_open_with_wait_still_times_out(daemon: DaemonProc) -> None:
 def test_a_spinning_async_open_with_wait_still_times_out(daemon: DaemonProc) -> None:
     async def main() -> None:
         async with AsyncBroker.connect(daemon.socket, idle=1000) as b:
+            b._idle.count_runnable = lambda: 1  # spin whatever else runs on the machine
             t0 = time.monotonic()
             with pytest.raises(TimeoutError):
                 await b.open("idle/never", wait=0.3)

@@ -27,6 +27,10 @@ loop) on the other way, to notice when the machine changes.
 
 Bounds, whatever the strategy: no spin on a machine that gives this
 process one CPU (``os.sched_getaffinity``, checked again every second),
+none while more tasks are runnable than this process has CPUs (counted
+every 0.1 s from ``/proc/loadavg``: an oversubscribed host never halts a
+CPU, so a spin there buys nothing and takes a CPU from someone, maybe the
+daemon),
 ``os.sched_yield()`` between polls after the first ``YIELD_AFTER_NS``, and
 spins that missed (budget burnt, then blocked anyway) may take at most
 ``CAP`` of a CPU per second; above it the strategy blocks until the second
@@ -75,6 +79,8 @@ WINDOW_NS = 1_000_000_000
 EXPLORE = 1 / 16
 ALPHA = 1 / 32
 CLAMP_NS = 1_000_000
+#: how often the machine's runnable tasks are counted (a read of /proc/loadavg)
+BUSY_CHECK_NS = 100_000_000
 #: what a wait was (``Idle.kind``): blocked at once, spun first, or told (no choice)
 BLOCKED, SPUN, FORCED = 0, 1, 2
 
@@ -82,6 +88,15 @@ BLOCKED, SPUN, FORCED = 0, 1, 2
 def cpus() -> int:
     """CPUs this process may run on (not the machine's: a pinned process has one)."""
     return len(os.sched_getaffinity(0))
+
+
+def runnable() -> int:
+    """Tasks runnable on the machine now, this one included (``/proc/loadavg``)."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            return int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):  # no procfs: assume a quiet machine
+        return 1
 
 
 class Idle:
@@ -96,7 +111,10 @@ class Idle:
     __slots__ = (
         "adaptive",
         "budget",
+        "busy",
+        "busy_end",
         "count_cpus",
+        "count_runnable",
         "cpus",
         "kind",
         "last",
@@ -106,7 +124,13 @@ class Idle:
         "window_end",
     )
 
-    def __init__(self, idle: IdleArg = DEFAULT, *, count_cpus: Callable[[], int] = cpus) -> None:
+    def __init__(
+        self,
+        idle: IdleArg = DEFAULT,
+        *,
+        count_cpus: Callable[[], int] = cpus,
+        count_runnable: Callable[[], int] = runnable,
+    ) -> None:
         if isinstance(idle, bool) or not isinstance(idle, str | int | float):
             raise TypeError(
                 f"idle must be 'block', 'spin', 'adaptive' or microseconds, not {idle!r}"
@@ -128,6 +152,10 @@ class Idle:
         self.budget = budget
         self.count_cpus = count_cpus
         self.cpus = count_cpus()
+        self.count_runnable = count_runnable
+        #: more tasks runnable than CPUs at the last look (then no spin until the next)
+        self.busy = False
+        self.busy_end = 0
         #: the budget :meth:`begin` gave the last wait (what it chose)
         self.last = 0
         #: what the last wait was: BLOCKED or SPUN (learnt from), or FORCED (not)
@@ -152,7 +180,10 @@ class Idle:
             self.window_end = now + WINDOW_NS
             self.spent = 0
             self.cpus = self.count_cpus()
-        if self.cpus <= 1 or self.spent >= CAP * WINDOW_NS:
+        if now >= self.busy_end:
+            self.busy_end = now + BUSY_CHECK_NS
+            self.busy = self.count_runnable() > self.cpus
+        if self.cpus <= 1 or self.busy or self.spent >= CAP * WINDOW_NS:
             self.kind = FORCED
         elif not self.adaptive:
             self.kind = SPUN
