@@ -10,14 +10,15 @@ import sys
 import time
 from collections.abc import Callable
 
-from . import create_rt, mmap_floor, open_rt, plasma, scale, throughput
-from ._env import Env, Settings, log
+from . import create_rt, mmap_floor, open_rt, plasma, reopen, scale, throughput
+from ._env import IDLES, Env, Settings, log
 from ._machine import busy_seconds, own_seconds, terminate
 from ._stats import Row, table
 
 FIGURES: dict[str, Callable[[Env], list[Row]]] = {
     "open": open_rt.run,
     "create": create_rt.run,
+    "reopen": reopen.run,
     "throughput": throughput.run,
     "mmap": mmap_floor.run,
 }
@@ -37,8 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="few samples, short runs (a smoke run)")
     p.add_argument("--only", choices=sorted({**FIGURES, **EXTRA}), help="run one figure")
     p.add_argument("--all", action="store_true", help=f"also run {' and '.join(EXTRA)}")
+    p.add_argument(
+        "--idle",
+        default=",".join(IDLES),
+        help=f"client idle strategies to measure, comma-separated (default {','.join(IDLES)})",
+    )
     a = p.parse_args(argv)
-    settings = Settings.quick() if a.quick else Settings()
+    idles = tuple(a.idle.split(","))
+    settings = Settings.quick(idles=idles) if a.quick else Settings(idles=idles)
     figures = {**FIGURES, **EXTRA}
     names = [a.only] if a.only else list(figures if a.all else FIGURES)
 

@@ -8,6 +8,7 @@ never by name) and removes every file it made.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 import tempfile
@@ -23,9 +24,11 @@ from .floor import FloorServer
 if TYPE_CHECKING:
     from shmbroker import Broker, Segment
 
-__all__ = ["OPEN_NAME", "Env", "Settings"]
+__all__ = ["IDLES", "OPEN_NAME", "Env", "Sampled", "Settings", "Variant"]
 
 OPEN_NAME = "bench/open"
+#: the client idle strategies the figures are measured with (shmbroker._idle)
+IDLES = ("block", "adaptive", "spin")
 
 
 @dataclass(frozen=True)
@@ -36,10 +39,11 @@ class Settings:
     ops_seconds: float = 2.0  # length of each ops/s run
     ops_warmup: int = 50
     concurrency: tuple[int, ...] = (1, 8, 64)
+    idles: tuple[str, ...] = IDLES  # the client idle strategies measured
 
     @classmethod
-    def quick(cls) -> Settings:
-        return cls(samples=500, rounds=2, warmup=50, ops_seconds=0.5, ops_warmup=10)
+    def quick(cls, **kw: object) -> Settings:
+        return cls(samples=500, rounds=2, warmup=50, ops_seconds=0.5, ops_warmup=10, **kw)  # type: ignore[arg-type]
 
 
 def log(msg: str) -> None:
@@ -55,6 +59,13 @@ class Env:
         self._holder: tuple[Broker, Segment] | None = None
         self.workers: list[Worker] = []
         self.problems: list[str] = []
+
+    @property
+    def default_idle(self) -> str:
+        """The client library's default idle strategy (a name or microseconds)."""
+        from shmbroker import _idle
+
+        return str(_idle.DEFAULT)
 
     @property
     def daemon(self) -> BrokerDaemon:
@@ -81,17 +92,22 @@ class Env:
         return OPEN_NAME
 
     def worker(self, kind: str, *args: str, warmup: int | None = None) -> Worker:
+        if kind.startswith("raw-") and "@" not in kind:
+            # with an idle strategy from the start: the import of the client
+            # library it needs is then done before the measuring starts
+            kind = f"{kind}@{self.settings.idles[0]}"
         w = Worker(kind, *args, warmup=self.settings.warmup if warmup is None else warmup)
         self.workers.append(w)
         return w
 
-    def latencies(self, workers: Mapping[str, Worker]) -> dict[str, list[int]]:
-        """Start ``workers``, sample them in interleaved rounds, stop them."""
-        start_all(list(workers.values()))
+    def latencies(self, workers: Mapping[str, Worker | Variant]) -> Sampled:
+        """Start the workers, sample the variants in interleaved rounds, stop the workers."""
+        distinct = list({id(w): w for w in map(_worker_of, workers.values())}.values())
+        start_all(distinct)
         try:
             return interleaved_latency(workers, self.settings)
         finally:
-            self.stop_workers(workers)
+            self.stop_workers(distinct)
 
     def stop_workers(self, workers: list[Worker] | Mapping[str, Worker]) -> None:
         for w in workers.values() if isinstance(workers, Mapping) else workers:
@@ -123,14 +139,69 @@ class Env:
             self._daemon = None
 
 
-def interleaved_latency(workers: Mapping[str, Worker], settings: Settings) -> dict[str, list[int]]:
-    """``settings.samples`` per worker, taken in rounds that alternate between the
-    workers (one at a time, the others idle), so a change of load on the
+@dataclass(frozen=True)
+class Variant:
+    """One line of a latency figure: a worker, the idle strategy it uses for it
+    (None: as started), and the server whose CPU time its rounds are charged
+    (its pid), if any."""
+
+    worker: Worker
+    idle: str | None = None
+    server: int | None = None
+
+
+@dataclass
+class Sampled:
+    """What interleaved rounds measured, per variant: durations (ns), the
+    client's CPU time over them (ns) and the server's (ns), if it has one."""
+
+    lat: dict[str, list[int]]
+    client_cpu: dict[str, int]
+    server_cpu: dict[str, int]
+
+    def __getitem__(self, key: str) -> list[int]:
+        return self.lat[key]
+
+    def client_us(self, key: str) -> float:
+        """Client CPU time per iteration, in microseconds."""
+        return self.client_cpu[key] / len(self.lat[key]) / 1000
+
+    def server_us(self, key: str) -> float:
+        """Server CPU time per iteration, in microseconds."""
+        return self.server_cpu[key] / len(self.lat[key]) / 1000
+
+
+def process_cpu_ns(pid: int) -> int:
+    """CPU time of every thread of a process, to the nanosecond (``schedstat``)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total
+
+
+def _worker_of(v: Worker | Variant) -> Worker:
+    return v.worker if isinstance(v, Variant) else v
+
+
+def interleaved_latency(workers: Mapping[str, Worker | Variant], settings: Settings) -> Sampled:
+    """``settings.samples`` per variant, taken in rounds that alternate between the
+    variants (one at a time, the others idle), so a change of load on the
     machine during the run touches all of them alike."""
     per_round = max(1, settings.samples // settings.rounds)
-    out: dict[str, list[int]] = {k: [] for k in workers}
-    items = list(workers.items())
+    variants = {k: v if isinstance(v, Variant) else Variant(v) for k, v in workers.items()}
+    out = Sampled({k: [] for k in variants}, dict.fromkeys(variants, 0), dict.fromkeys(variants, 0))
+    current: dict[int, str | None] = {}
+    items = list(variants.items())
     for r in range(settings.rounds):
-        for key, w in items if r % 2 == 0 else reversed(items):
-            out[key].extend(w.latency(per_round))
+        for key, v in items if r % 2 == 0 else reversed(items):
+            w = v.worker
+            if v.idle is not None and current.get(id(w)) != v.idle:
+                w.set_idle(v.idle)
+                current[id(w)] = v.idle
+            before = process_cpu_ns(v.server) if v.server else 0
+            out.lat[key].extend(w.latency(per_round))
+            if v.server:
+                out.server_cpu[key] += process_cpu_ns(v.server) - before
+            out.client_cpu[key] += w.last_cpu
     return out

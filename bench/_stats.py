@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 Unit = Literal["us", "ops/s"]
 
@@ -87,3 +87,57 @@ def table(rows: Sequence[Row]) -> str:
         if n == 0:
             out.append("-+-".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+class IdleSamples(Protocol):
+    """What ``_env.Sampled`` offers the rows below."""
+
+    def __getitem__(self, key: str) -> list[int]: ...
+    def client_us(self, key: str) -> float: ...
+    def server_us(self, key: str) -> float: ...
+
+
+def idle_rows(label: str, s: IdleSamples, idles: Sequence[str]) -> list[Row]:
+    """A figure's lines per client idle strategy, from variants keyed ``lib@IDLE``,
+    ``raw@IDLE`` and ``floor@IDLE`` (the floor's client waiting the same way):
+    latency against the floor, the same client against itself blocking, the
+    client's CPU per cycle against itself blocking, and the server's CPU per
+    cycle against the floor server's."""
+    rows: list[Row] = []
+    for idle in idles:
+        floor = s[f"floor@{idle}"]
+        rows += latency_rows(f"{label}, client library, {idle}", s[f"lib@{idle}"], floor)
+        rows += latency_rows(f"{label}, minimal client, {idle}", s[f"raw@{idle}"], floor)
+    if "block" in idles:
+        for idle in (i for i in idles if i != "block"):
+            for who in ("lib", "raw"):
+                rows += latency_rows(
+                    f"{label}, {_WHO[who]}, {idle}",
+                    s[f"{who}@{idle}"],
+                    s[f"{who}@block"],
+                    floor_label="same client, block",
+                )[:1]
+        for idle in idles:
+            rows.append(
+                Row(
+                    f"{label}, client library CPU per cycle, {idle}",
+                    s.client_us(f"lib@{idle}"),
+                    s.client_us("lib@block"),
+                    "us",
+                    "same client, block",
+                )
+            )
+    for idle in idles:
+        rows.append(
+            Row(
+                f"{label}, daemon CPU per cycle, minimal client {idle}",
+                s.server_us(f"raw@{idle}"),
+                s.server_us(f"floor@{idle}"),
+                "us",
+                "floor server CPU",
+            )
+        )
+    return rows
+
+
+_WHO = {"lib": "client library", "raw": "minimal client"}

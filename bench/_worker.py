@@ -9,7 +9,15 @@ prints ``READY``, then obeys one command per stdin line:
 - ``ops START END``: sleep until ``perf_counter_ns() >= START`` (the clock
   is ``CLOCK_MONOTONIC``, shared by all processes), run iterations back to
   back until END, print how many it started;
+- ``idle MODE [SETTLE]``: from now on wait for replies with that client
+  idle strategy (``block``, ``spin``, ``adaptive`` or microseconds;
+  ``shmbroker._idle``), then run SETTLE (default 50) untimed iterations;
 - ``quit`` (or end of input): clean up and exit.
+
+After the durations of ``lat`` it prints the process's CPU time (ns) over
+those N iterations on a line of its own.  A KIND may end in ``@MODE``: the
+idle strategy to start with (without it, the client library's default for
+``lib-*`` kinds and a plain blocking ``recvmsg`` for ``raw-*``).
 
 It ignores SIGINT: the bench ends it, so a Ctrl-C cannot leave half a run.
 
@@ -28,6 +36,14 @@ Kinds (one iteration each):
   (``refcount``, so the release deletes it);
 - ``raw-create SOCK NAME``: the same with the minimal client, mapped
   read-write;
+- ``lib-reopen SOCK NAME``, ``lib-reopen-pipe``: a repeat open, ``with
+  Broker.open(NAME): pass`` while the broker keeps NAME open (``fd: false``,
+  the mapping reused: checked once), with the release waited for or
+  pipelined;
+- ``raw-reopen SOCK NAME``: the same with the minimal client (``open`` with
+  ``fd: false``, ``release``);
+- ``raw-ping SOCK``: one round trip with nothing in it (a ``release`` of an
+  unknown lease; the floor server answers it ``ok``);
 - ``smm-create``: ``SharedMemoryManager().SharedMemory(4096)``, close, unlink;
 - ``mmap PATH``: ``os.open`` + mmap + munmap + close of an existing file.
 """
@@ -52,9 +68,12 @@ from . import REPO
 __all__ = ["Worker"]
 
 Op = Callable[[], None]
+SetIdle = Callable[[str], None]
 _RECV = 65537
 _ANC = socket.CMSG_SPACE(4 * 4)
 SEGMENT_SIZE = 4096
+#: iterations run (untimed) after an ``idle`` command
+SETTLE = 50
 
 
 class RawClient:
@@ -63,6 +82,8 @@ class RawClient:
     def __init__(self, path: str, pipeline: bool = False) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.connect(path)
+        self.recvmsg: Callable[[int, int], tuple[bytes, list[tuple[int, int, bytes]], int, Any]]
+        self.recvmsg = self.sock.recvmsg
         self.next_id = 1
         self.pipeline = pipeline  # send releases without waiting for the reply
         self.unread = 0  # replies of pipelined releases, read before the next one
@@ -75,9 +96,9 @@ class RawClient:
     def call(self, body: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         self.send(body)
         for _ in range(self.unread):  # answers come in order: skip the releases'
-            self.sock.recv(_RECV)
+            self.recvmsg(_RECV, _ANC)
         self.unread = 0
-        data, anc, _flags, _addr = self.sock.recvmsg(_RECV, _ANC)
+        data, anc, _flags, _addr = self.recvmsg(_RECV, _ANC)
         fds = array.array("i")
         for level, kind, raw in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -105,12 +126,45 @@ class RawClient:
         else:
             self.call({"op": "release", "lease": reply["lease"]})
 
+    def set_idle(self, mode: str) -> None:
+        """Wait for replies as the client library does with ``idle=mode``."""
+        from shmbroker import _idle
+
+        strategy = _idle.Idle(idle_arg(mode))
+        sock = self.sock
+
+        def recvmsg(size: int, anc: int) -> tuple[bytes, list[tuple[int, int, bytes]], int, Any]:
+            return _idle.recvmsg(sock, strategy, size, anc)
+
+        self.recvmsg = recvmsg
+
     def close(self) -> None:
         self.sock.close()
 
 
-def _make_op(kind: str, args: list[str]) -> tuple[Op, Op]:
-    """The operation of one iteration, and what to do at exit."""
+def idle_arg(mode: str) -> Any:
+    """``Broker(idle=...)`` from a command word: a name, or microseconds."""
+    try:
+        return float(mode)
+    except ValueError:
+        return mode
+
+
+def _no_idle(mode: str) -> None:
+    raise ValueError("this kind has no client to set an idle strategy on")
+
+
+def _lib_idle(broker: Any) -> SetIdle:
+    def set_idle(mode: str) -> None:
+        from shmbroker import _idle
+
+        broker._idle = _idle.Idle(idle_arg(mode))
+
+    return set_idle
+
+
+def _make_op(kind: str, args: list[str]) -> tuple[Op, Op, SetIdle]:
+    """The operation of one iteration, what to do at exit, how to set the idle strategy."""
     if kind in ("raw-open", "raw-create", "raw-open-pipe"):
         raw = RawClient(args[0], pipeline=kind == "raw-open-pipe")
         if kind != "raw-create":
@@ -119,7 +173,15 @@ def _make_op(kind: str, args: list[str]) -> tuple[Op, Op]:
         else:
             req = {"op": "create", "name": args[1], "size": SEGMENT_SIZE}
             prot = mmap.PROT_READ | mmap.PROT_WRITE
-        return (lambda: raw.grant_cycle(req, prot)), raw.close
+        return (lambda: raw.grant_cycle(req, prot)), raw.close, raw.set_idle
+    if kind == "raw-ping":
+        raw = RawClient(args[0])
+        ping = {"op": "release", "lease": "bench-ping"}
+        return (lambda: raw.call(dict(ping)) and None), raw.close, raw.set_idle
+    if kind == "raw-reopen":
+        return _raw_reopen(args[0], args[1])
+    if kind in ("lib-reopen", "lib-reopen-pipe"):
+        return _lib_reopen(args[0], args[1], pipeline=kind == "lib-reopen-pipe")
     if kind in ("lib-open", "lib-create", "lib-open-pipe"):
         from shmbroker import Broker
 
@@ -131,13 +193,13 @@ def _make_op(kind: str, args: list[str]) -> tuple[Op, Op]:
                 with broker.open(name):
                     pass
 
-            return lib_open, broker.close
+            return lib_open, broker.close, _lib_idle(broker)
 
         def lib_create() -> None:
             with broker.create(name, SEGMENT_SIZE):
                 pass
 
-        return lib_create, broker.close
+        return lib_create, broker.close, _lib_idle(broker)
     if kind == "smm-create":
         from multiprocessing.managers import SharedMemoryManager
 
@@ -149,7 +211,7 @@ def _make_op(kind: str, args: list[str]) -> tuple[Op, Op]:
             sm.close()
             sm.unlink()
 
-        return smm_create, smm.shutdown
+        return smm_create, smm.shutdown, _no_idle
     if kind == "mmap":
         path = args[0]
         size = os.stat(path).st_size
@@ -162,8 +224,59 @@ def _make_op(kind: str, args: list[str]) -> tuple[Op, Op]:
             finally:
                 os.close(fd)
 
-        return raw_mmap, lambda: None
+        return raw_mmap, lambda: None, _no_idle
     raise SystemExit(f"unknown worker kind {kind!r}")
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _lib_reopen(path: str, name: str, pipeline: bool = False) -> tuple[Op, Op, SetIdle]:
+    from shmbroker import Broker
+
+    broker = Broker(path, pipeline_release=pipeline)
+    held = broker.open(name)
+    before = _fd_count()
+    with broker.open(name) as again:
+        if again.fd != held.fd or _fd_count() != before:
+            raise RuntimeError("the repeat open did not reuse the mapping")
+
+    def reopen() -> None:
+        with broker.open(name):
+            pass
+
+    def close() -> None:
+        held.close()
+        broker.close()
+
+    return reopen, close, _lib_idle(broker)
+
+
+def _raw_reopen(path: str, name: str) -> tuple[Op, Op, SetIdle]:
+    raw = RawClient(path)
+    first, fd = raw.call({"op": "open", "name": name, "access": "ro"})
+    if fd is None:
+        raise RuntimeError("no fd with the first open")
+    seg = first["segment"]
+    mapping = mmap.mmap(fd, seg["size"], flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+
+    def reopen() -> None:
+        reply, extra = raw.call({"op": "open", "name": name, "access": "ro", "fd": False})
+        if extra is not None:
+            os.close(extra)
+            raise RuntimeError("an fd came with fd: false")
+        if reply["segment"]["id"] != seg["id"]:
+            raise RuntimeError("the name now means another segment")
+        raw.call({"op": "release", "lease": reply["lease"]})
+
+    def close() -> None:
+        raw.call({"op": "release", "lease": first["lease"]})
+        mapping.close()
+        os.close(fd)
+        raw.close()
+
+    return reopen, close, raw.set_idle
 
 
 def _latency(op: Op, n: int) -> list[int]:
@@ -200,11 +313,15 @@ def main(argv: list[str]) -> None:
 
 
 def _serve(kind: str, warmup: int, args: list[str]) -> None:
-    serve(*_make_op(kind, args), warmup)
+    kind, _, mode = kind.partition("@")
+    op, close, set_idle = _make_op(kind, args)
+    if mode:
+        set_idle(mode)
+    serve(op, close, warmup, set_idle)
 
 
-def serve(op: Op, close: Op, warmup: int) -> None:
-    """Warm up, say READY, obey ``lat``/``ops``/``quit`` from stdin; ``close`` at the end."""
+def serve(op: Op, close: Op, warmup: int, set_idle: SetIdle = _no_idle) -> None:
+    """Warm up, say READY, obey ``lat``/``ops``/``idle``/``quit``; ``close`` at the end."""
     try:
         for _ in range(warmup):
             op()
@@ -212,7 +329,15 @@ def serve(op: Op, close: Op, warmup: int) -> None:
         for line in sys.stdin:
             cmd, *rest = line.split()
             if cmd == "lat":
-                print(" ".join(map(str, _latency(op, int(rest[0])))), flush=True)
+                cpu = time.process_time_ns()
+                durations = _latency(op, int(rest[0]))
+                cpu = time.process_time_ns() - cpu
+                print(" ".join(map(str, durations)), flush=True)
+                print(cpu, flush=True)
+            elif cmd == "idle":
+                set_idle(rest[0])
+                for _ in range(int(rest[1]) if len(rest) > 1 else SETTLE):
+                    op()  # let an adaptive budget settle
             elif cmd == "ops":
                 print(_ops(op, int(rest[0]), int(rest[1])), flush=True)
             elif cmd == "quit":
@@ -230,6 +355,7 @@ class Worker:
         self, kind: str, *args: str, warmup: int, env: dict[str, str] | None = None
     ) -> None:
         self.kind = kind
+        self.last_cpu = 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench._worker", kind, str(warmup), *args],
             stdin=subprocess.PIPE,
@@ -258,8 +384,16 @@ class Worker:
         self.proc.stdin.flush()
 
     def latency(self, n: int) -> list[int]:
+        """N durations (ns); ``last_cpu`` is then the worker's CPU time over them (ns)."""
         self.send(f"lat {n}")
-        return [int(x) for x in self._line().split()]
+        out = [int(x) for x in self._line().split()]
+        self.last_cpu = int(self._line())
+        return out
+
+    def set_idle(self, mode: str, settle: int = SETTLE) -> None:
+        """Switch its client to idle strategy ``mode``, then run ``settle`` cycles
+        (no reply: the commands after it wait for it)."""
+        self.send(f"idle {mode} {settle}")
 
     def ops_result(self) -> int:
         return int(self._line())

@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("new")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--client", choices=("raw", "lib"), default="raw")
+    p.add_argument(
+        "--idle",
+        help="client idle strategy of both workers (block, adaptive, spin, microseconds); "
+        "both trees must have shmbroker._idle.  Default: each client's own default "
+        "(the client library's; a blocking recvmsg for raw)",
+    )
     a = p.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="sbab-", dir="/tmp"))
     daemons: list[BrokerDaemon] = []
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             daemons.append(BrokerDaemon(tree))
             with Broker(daemons[-1].socket) as b:
                 b.create(OPEN_NAME, SEGMENT_SIZE, lifetime="persistent").close()
-        kind = f"{a.client}-open"
+        kind = f"{a.client}-open" + (f"@{a.idle}" if a.idle else "")
         workers = start_all(
             [
                 Worker(kind, d.socket, OPEN_NAME, warmup=500, env=tree_env(t))
@@ -94,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"new/old: p50 {statistics.median(p50s[1]) / statistics.median(p50s[0]):.3f}, "
             f"daemon CPU {statistics.median(cpus[1]) / statistics.median(cpus[0]):.3f}"
-            f" ({a.client} client, {a.rounds} rounds of {SAMPLES_PER_ROUND})"
+            f" ({a.client} client{', idle ' + a.idle if a.idle else ''}, "
+            f"{a.rounds} rounds of {SAMPLES_PER_ROUND})"
         )
         return 0
     finally:

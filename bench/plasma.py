@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import mmap
 import os
 import shutil
 import signal
@@ -54,7 +53,7 @@ from . import REPO
 from ._env import Env, interleaved_latency, log
 from ._proc import stop, wait_connectable
 from ._stats import Row, latency_rows
-from ._worker import SEGMENT_SIZE, RawClient, Worker, serve, start_all
+from ._worker import SEGMENT_SIZE, Worker, _make_op, serve, start_all
 
 __all__ = ["VENV", "run"]
 
@@ -236,10 +235,6 @@ def _cpu_seconds(pid: int) -> float:
 # -- the worker processes -------------------------------------------------------
 
 
-def _fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def _plasma_get(path: str) -> tuple[Op, Op]:
     # pyarrow.plasma warns, on import and on connect, that it is deprecated since Arrow 10
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -257,61 +252,12 @@ def _plasma_get(path: str) -> tuple[Op, Op]:
     return get_release, client.disconnect
 
 
-def _lib_reopen(path: str, name: str, pipeline: bool = False) -> tuple[Op, Op]:
-    from shmbroker import Broker
-
-    broker = Broker(path, pipeline_release=pipeline)
-    held = broker.open(name)
-    before = _fd_count()
-    with broker.open(name) as again:
-        if again.fd != held.fd or _fd_count() != before:
-            raise RuntimeError("the repeat open did not reuse the mapping")
-
-    def reopen() -> None:
-        with broker.open(name):
-            pass
-
-    def close() -> None:
-        held.close()
-        broker.close()
-
-    return reopen, close
-
-
-def _raw_reopen(path: str, name: str) -> tuple[Op, Op]:
-    raw = RawClient(path)
-    first, fd = raw.call({"op": "open", "name": name, "access": "ro"})
-    if fd is None:
-        raise RuntimeError("no fd with the first open")
-    seg = first["segment"]
-    mapping = mmap.mmap(fd, seg["size"], flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-
-    def reopen() -> None:
-        reply, extra = raw.call({"op": "open", "name": name, "access": "ro", "fd": False})
-        if extra is not None:
-            os.close(extra)
-            raise RuntimeError("an fd came with fd: false")
-        if reply["segment"]["id"] != seg["id"]:
-            raise RuntimeError("the name now means another segment")
-        raw.call({"op": "release", "lease": reply["lease"]})
-
-    def close() -> None:
-        raw.call({"op": "release", "lease": first["lease"]})
-        mapping.close()
-        os.close(fd)
-        raw.close()
-
-    return reopen, close
-
-
 def _serve(kind: str, warmup: int, args: list[str]) -> None:
-    makers: dict[str, Callable[..., tuple[Op, Op]]] = {
-        "plasma-get": _plasma_get,
-        "lib-reopen": _lib_reopen,
-        "lib-reopen-pipe": lambda path, name: _lib_reopen(path, name, pipeline=True),
-        "raw-reopen": _raw_reopen,
-    }
-    serve(*makers[kind](*args), warmup)
+    if kind == "plasma-get":
+        serve(*_plasma_get(*args), warmup)
+    else:  # the broker's kinds, run under this interpreter
+        op, close, set_idle = _make_op(kind, args)
+        serve(op, close, warmup, set_idle)
 
 
 def main(argv: list[str]) -> None:

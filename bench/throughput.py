@@ -4,9 +4,10 @@ Every client process runs the minimal client's open cycle (as in figure 1)
 back to back for ``ops_seconds``; all start at the same instant of
 ``CLOCK_MONOTONIC``.  The figure is the sum of the cycles they started, over
 the run's length.  The broker run and the floor run use the same client
-code, the floor run against the floor server; they alternate per
-concurrency level.  Clients and server share the machine's cores, so at 64
-clients this measures the whole system, clients included.
+code, the floor run against the floor server, and the same client idle
+strategy; they alternate per concurrency level and strategy.  Clients and
+server share the machine's cores, so at 64 clients this measures the whole
+system, clients included.
 """
 
 from __future__ import annotations
@@ -39,11 +40,18 @@ def run(env: Env) -> list[Row]:
     rows = []
     try:
         for n in settings.concurrency:
-            b = _ops_per_second(broker[:n], settings.ops_seconds)
-            f = _ops_per_second(floor[:n], settings.ops_seconds)
-            log(f"  {n} clients: broker {b:,.0f} ops/s, floor {f:,.0f} ops/s")
-            plural = "es" if n > 1 else ""
-            rows.append(Row(f"3 open round trips/s, {n} client process{plural}", b, f, "ops/s"))
+            for k, idle in enumerate(settings.idles):
+                for w in broker[:n] + floor[:n]:
+                    w.set_idle(idle, settle=0)  # an adaptive budget settles within the run
+                runs = [(broker, 0), (floor, 1)]
+                got = [0.0, 0.0]
+                for group, i in runs if k % 2 == 0 else reversed(runs):
+                    got[i] = _ops_per_second(group[:n], settings.ops_seconds)
+                b, f = got
+                log(f"  {n} clients, {idle}: broker {b:,.0f} ops/s, floor {f:,.0f} ops/s")
+                plural = "es" if n > 1 else ""
+                label = f"3 open round trips/s, {n} client process{plural}, {idle}"
+                rows.append(Row(label, b, f, "ops/s"))
     finally:
         env.stop_workers(broker + floor)
     return rows

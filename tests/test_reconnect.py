@@ -42,9 +42,11 @@ def test_sync_client_reclaims_after_sigkill(restartable: DaemonProc) -> None:
         b.delete("re/persist")
 
 
-def test_call_in_flight_raises_connection_error(restartable: DaemonProc) -> None:
+@pytest.mark.parametrize("idle", ["block", "spin"])
+def test_call_in_flight_raises_connection_error(restartable: DaemonProc, idle: str) -> None:
+    """Also while the wait spins (the client idle strategy): the end of file is seen."""
     d = restartable
-    with Broker(d.socket, reconnect_timeout=0.5) as b:
+    with Broker(d.socket, reconnect_timeout=0.5, idle=idle) as b:  # type: ignore[arg-type]
         b.hello()
         errors: list[BaseException] = []
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _api, _fork, wire
+from . import _api, _fork, _idle, wire
 from ._api import Access, Backing, Lifetime
 from ._held import Held, LostCallback
 from ._paths import socket_path
@@ -45,11 +45,16 @@ class AsyncBroker:
     """
 
     def __init__(
-        self, path: str, reconnect_timeout: float = 10.0, on_lost: LostCallback | None = None
+        self,
+        path: str,
+        reconnect_timeout: float = 10.0,
+        on_lost: LostCallback | None = None,
+        idle: _idle.IdleArg = _idle.DEFAULT,
     ) -> None:
         self.path = path
         self.reconnect_timeout = reconnect_timeout
         self.on_lost = on_lost
+        self._idle = _idle.Idle(idle)
         self._sock = _api.sock_for(path)
         self._proto = ClientProtocol()
         self._waiting: dict[int, asyncio.Future[Reply]] = {}
@@ -69,8 +74,10 @@ class AsyncBroker:
         *,
         reconnect_timeout: float = 10.0,
         on_lost: LostCallback | None = None,
+        idle: _idle.IdleArg = _idle.DEFAULT,
     ) -> _Connecting:
-        return _Connecting(cls(socket_path(socket), reconnect_timeout, on_lost))
+        """``idle`` as for :class:`~shmbroker.Broker`, but no spin while the loop has other work."""
+        return _Connecting(cls(socket_path(socket), reconnect_timeout, on_lost, idle))
 
     def _after_fork(self) -> None:
         """In a forked child (see ``_fork.py``): nothing of the parent's is ours.
@@ -184,7 +191,10 @@ class AsyncBroker:
         self._waiting[rid] = fut
         try:
             await self._loop.sock_sendall(self._sock, data)
-            return await fut
+            spun = _idle.spin_loop(self._loop, self._idle, self._readable, fut.done)
+            reply = await fut
+            _idle.finish(self._idle, spun)
+            return reply
         except ConnectionError:
             self._fail(_api.connection_lost(self.path))
             raise _api.connection_lost(self.path) from None

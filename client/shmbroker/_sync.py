@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _api, _fork, wire
+from . import _api, _fork, _idle, wire
 from ._api import Access, Backing, Lifetime
 from ._held import Held, LostCallback
 from ._paths import socket_path
@@ -59,6 +59,13 @@ class Broker:
     mapped but their ``close()`` releases nothing (the leases are the
     parent's).  Calls on a closed broker raise ``ValueError``, as a closed
     file does.
+
+    ``idle`` is how a call waits for its reply (docs/performance.md, "Idle
+    strategies"): ``"adaptive"`` (the default) polls the socket for up to
+    100 us, adapted to how fast replies come, before it blocks;
+    ``"block"`` blocks at once; ``"spin"`` always polls 100 us; a number
+    polls that many microseconds.  No strategy spins on a one-CPU process.
+    Raises ``ValueError``/``TypeError`` for another ``idle``.
     """
 
     def __init__(
@@ -68,11 +75,13 @@ class Broker:
         reconnect_timeout: float = 10.0,
         pipeline_release: bool = False,
         on_lost: LostCallback | None = None,
+        idle: _idle.IdleArg = _idle.DEFAULT,
     ) -> None:
         self.path = socket_path(socket)
         self.reconnect_timeout = reconnect_timeout
         self.pipeline_release = pipeline_release
         self.on_lost = on_lost
+        self._idle = _idle.Idle(idle)
         self._proto = ClientProtocol()
         self._lock = threading.Lock()
         self._closed = False
@@ -234,7 +243,7 @@ class Broker:
 
     def _receive(self, sock: _socket.socket) -> Reply | None:
         """Read one reply (None: one nobody waits for); raise if the daemon is gone."""
-        msg, anc, _flags, _ = sock.recvmsg(_api.RECV_SIZE, _api.ANC_SIZE)
+        msg, anc, _flags, _ = _idle.recvmsg(sock, self._idle, _api.RECV_SIZE, _api.ANC_SIZE)
         fds = _api.split_fds(anc)
         if not msg:
             raise _api.connection_lost(self.path)
