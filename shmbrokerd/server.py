@@ -148,20 +148,9 @@ class Server:
         self.errors: Counter[str] = Counter()
         self.started = time.time()
         self._flushed = asyncio.Event()
+        # one per op of the contract: a missing _op_ method fails here, not as EIO
         self._handlers: dict[str, Callable[[Connection, Any], None]] = {
-            "hello": self._op_hello,
-            "create": self._op_create,
-            "open": self._op_open,
-            "release": self._op_release,
-            "seal": self._op_seal,
-            "delete": self._op_delete,
-            "stat": self._op_stat,
-            "list": self._op_list,
-            "reclaim": self._op_reclaim,
-            "reload": self._op_reload,
-            "clients": self._op_clients,
-            "stats": self._op_stats,
-            "drop": self._op_drop,
+            spec.op: getattr(self, "_op_" + spec.op) for spec in wire.OPS
         }
 
     # -- lifecycle -------------------------------------------------------------

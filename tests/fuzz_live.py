@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shmbroker.wire import MAX_ID, MAX_MESSAGE, MAX_NAME, OPS
+from shmbroker.wire import MAX_ID, MAX_MESSAGE, MAX_NAME, OP_NAMES
 
 from .contract import DAEMON_CODES, SEGMENT_KEYS
 
@@ -240,7 +240,7 @@ class Gen:
         op = obj.get("op")
         if not isinstance(op, str):
             return Pending(kind, rid, codes=_EINVAL, ok=False, preview=preview)
-        if op not in OPS:
+        if op not in OP_NAMES:
             return Pending(kind, rid, codes=frozenset({"EOPNOTSUPP"}), ok=False, preview=preview)
         if set(obj) - PARAMS[op] - {"id", "op"}:
             return Pending(kind, rid, codes=_EINVAL, ok=False, preview=preview)
@@ -281,7 +281,7 @@ class Gen:
             if rng.random() < 0.8:
                 obj["id"] = self.new_id() if rng.random() < 0.8 else self.random_value()
             if rng.random() < 0.9:
-                obj["op"] = rng.choice(OPS) if rng.random() < 0.7 else self.random_value()
+                obj["op"] = rng.choice(OP_NAMES) if rng.random() < 0.7 else self.random_value()
             op = obj.get("op")
             keys = sorted(PARAMS.get(op, set()) - {"wait"}) if isinstance(op, str) else []
             keys += ["x", "lease", "name"]

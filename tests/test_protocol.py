@@ -934,7 +934,9 @@ _json_values = st.recursive(
     | st.integers(-3, 2**64)
     | st.floats()
     | st.text(max_size=20)
-    | st.sampled_from([*wire.OPS, "ro", "rw", "ttl", "refcount", "owner", "persistent", "memfd"])
+    | st.sampled_from(
+        [*wire.OP_NAMES, "ro", "rw", "ttl", "refcount", "owner", "persistent", "memfd"]
+    )
     | st.sampled_from(["a", "a/b", "x" * 256, "a//b", "\ud800", ""]),
     lambda inner: (
         st.lists(inner, max_size=4)
@@ -946,7 +948,7 @@ _objects = st.fixed_dictionaries(
     {},
     optional={
         "id": st.one_of(st.integers(-2, 2**63 + 2), _json_values),
-        "op": st.one_of(st.sampled_from(wire.OPS), _json_values),
+        "op": st.one_of(st.sampled_from(wire.OP_NAMES), _json_values),
     },
 ).flatmap(
     lambda head: st.dictionaries(

@@ -666,7 +666,7 @@ def test_check_create_has_no_effect_until_commit() -> None:
     assert g.segment.id == plan.segment_id
     assert g.segment.created == T0 + 1
     assert (g.segment.owner_uid, g.segment.owner_gid) == (a.uid, a.gid)
-    assert wire.Segment.model_validate(g.segment.describe()).leases == 1
+    assert wire.SegmentInfo.model_validate(g.segment.describe()).leases == 1
 
 
 # -- leases -------------------------------------------------------------------------

@@ -189,7 +189,7 @@ def _req(op: str, **params: Any) -> dict[str, Any]:
 
 
 def test_minimal_table_covers_every_op() -> None:
-    assert set(MINIMAL) == set(wire.REQUESTS) == set(wire.OPS)
+    assert set(MINIMAL) == set(wire.REQUESTS) == set(wire.OP_NAMES)
 
 
 @pytest.mark.parametrize("op", sorted(MINIMAL))
@@ -486,18 +486,18 @@ RECORDS = [
 @pytest.mark.parametrize("rec", RECORDS, ids=lambda r: f"{r.lifetime}-{r.backing}")
 def test_segment_record_describe_validates_as_wire_segment(rec: SegmentRecord) -> None:
     described = rec.describe()
-    seg = wire.Segment.model_validate(described)
+    seg = wire.SegmentInfo.model_validate(described)
     assert seg.model_dump() == described
     assert seg.leases == len(rec.leases)
     # the daemon's describe() gives exactly the contract's Segment keys
-    assert set(described) == set(wire.Segment.model_fields)
+    assert set(described) == set(wire.SegmentInfo.model_fields)
 
 
 @pytest.mark.parametrize("rec", RECORDS, ids=lambda r: f"{r.lifetime}-{r.backing}")
 def test_segment_survives_a_json_round_trip(rec: SegmentRecord) -> None:
     import json
 
-    seg = wire.Segment.model_validate_json(json.dumps(rec.describe()))
+    seg = wire.SegmentInfo.model_validate_json(json.dumps(rec.describe()))
     assert seg.model_dump() == rec.describe()
 
 
@@ -519,7 +519,7 @@ def test_list_result_validates() -> None:
 
 def test_replies_ignore_unknown_keys_so_a_newer_daemon_can_add_some() -> None:
     body = {**_record().describe(), "generation": 3, "future": {"x": 1}}
-    seg = wire.Segment.model_validate(body)
+    seg = wire.SegmentInfo.model_validate(body)
     assert not hasattr(seg, "generation")
     assert seg.name == "camera/front"
 
@@ -528,7 +528,7 @@ def test_segment_reply_missing_a_key_is_refused() -> None:
     body = _record().describe()
     del body["leases"]
     with pytest.raises(ValidationError):
-        wire.Segment.model_validate(body)
+        wire.SegmentInfo.model_validate(body)
 
 
 def test_hello_result_keeps_extra_limits() -> None:

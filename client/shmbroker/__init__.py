@@ -28,8 +28,7 @@ from .ring import (
     RingWriterGoneError,
 )
 from .segment import Segment
-from .wire import ClientInfo, Event, HelloResult, Holder, StatsResult
-from .wire import Segment as SegmentInfo
+from .wire import ClientInfo, Event, HelloResult, Holder, SegmentInfo, StatsResult
 
 __all__ = [
     "AsyncBroker",

@@ -154,7 +154,7 @@ def open_flow(
     return seg
 
 
-def to_info(reply: Reply) -> wire.Segment:
+def to_info(reply: Reply) -> wire.SegmentInfo:
     result = reply.unwrap()
     assert isinstance(result, wire.SegmentResult)
     return result.segment

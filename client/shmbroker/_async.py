@@ -288,7 +288,7 @@ class AsyncBroker:
     async def release(self, lease: str) -> None:
         (await self._call("release", lease=_api.str_param(lease, "lease"))).unwrap()
 
-    async def seal(self, name: str) -> wire.Segment:
+    async def seal(self, name: str) -> wire.SegmentInfo:
         """As :meth:`Broker.seal`: this broker's Segments of it say ``sealed``."""
         info = _api.to_info(await self._call("seal", name=_api.str_param(name, "name")))
         self._leases.sealed(info)
@@ -297,7 +297,7 @@ class AsyncBroker:
     async def delete(self, name: str) -> None:
         (await self._call("delete", name=_api.str_param(name, "name"))).unwrap()
 
-    async def stat(self, name: str) -> wire.Segment:
+    async def stat(self, name: str) -> wire.SegmentInfo:
         return _api.to_info(await self._call("stat", name=_api.str_param(name, "name")))
 
     async def holders(self, name: str) -> list[wire.Holder]:
@@ -311,7 +311,7 @@ class AsyncBroker:
         assert isinstance(result, wire.DropResult)
         return result.leases
 
-    async def reclaim(self, lease: str) -> wire.Segment:
+    async def reclaim(self, lease: str) -> wire.SegmentInfo:
         result = (await self._call("reclaim", lease=_api.str_param(lease, "lease"))).unwrap()
         assert isinstance(result, wire.SegmentLeaseResult)
         return result.segment
@@ -327,7 +327,7 @@ class AsyncBroker:
         assert isinstance(result, wire.StatsResult)
         return result
 
-    async def list(self, prefix: str | None = None) -> AsyncIterator[wire.Segment]:
+    async def list(self, prefix: str | None = None) -> AsyncIterator[wire.SegmentInfo]:
         after: str | None = None
         while True:
             page = (await self._call("list", prefix=prefix, after=after)).unwrap()

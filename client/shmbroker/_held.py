@@ -75,7 +75,7 @@ class Held:
             seg.disown()
         self._by_lease.clear()
 
-    def sealed(self, info: wire.Segment) -> None:
+    def sealed(self, info: wire.SegmentInfo) -> None:
         """``seal`` answered: this broker's Segments of that segment say so too."""
         for seg in self._by_lease.values():
             if seg.id == info.id:

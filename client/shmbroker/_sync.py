@@ -307,7 +307,7 @@ class Broker:
     def release(self, lease: str) -> None:
         self._call("release", lease=_api.str_param(lease, "lease")).unwrap()
 
-    def seal(self, name: str) -> wire.Segment:
+    def seal(self, name: str) -> wire.SegmentInfo:
         """Seal a segment: from now on only ``ro`` opens are granted.
 
         This broker's Segments of it then say ``sealed``; their mappings
@@ -320,7 +320,7 @@ class Broker:
     def delete(self, name: str) -> None:
         self._call("delete", name=_api.str_param(name, "name")).unwrap()
 
-    def stat(self, name: str) -> wire.Segment:
+    def stat(self, name: str) -> wire.SegmentInfo:
         return _api.to_info(self._call("stat", name=_api.str_param(name, "name")))
 
     def holders(self, name: str) -> list[wire.Holder]:
@@ -334,7 +334,7 @@ class Broker:
         assert isinstance(result, wire.DropResult)
         return result.leases
 
-    def reclaim(self, lease: str) -> wire.Segment:
+    def reclaim(self, lease: str) -> wire.SegmentInfo:
         result = self._call("reclaim", lease=_api.str_param(lease, "lease")).unwrap()
         assert isinstance(result, wire.SegmentLeaseResult)
         return result.segment
@@ -351,7 +351,7 @@ class Broker:
         assert isinstance(result, wire.StatsResult)
         return result
 
-    def list(self, prefix: str | None = None) -> Iterator[wire.Segment]:
+    def list(self, prefix: str | None = None) -> Iterator[wire.SegmentInfo]:
         """Every segment this peer may read, in name order, page by page."""
         after: str | None = None
         while True:

@@ -28,7 +28,7 @@ class Mapping:
     """One fd and one ``mmap`` of a segment, shared by reference count."""
 
     def __init__(
-        self, info: wire.Segment, fd: int, writable: bool, on_last: Callable[[Mapping], None]
+        self, info: wire.SegmentInfo, fd: int, writable: bool, on_last: Callable[[Mapping], None]
     ) -> None:
         self.id = info.id
         self.name = info.name
@@ -85,7 +85,7 @@ class Segment:
 
     def __init__(
         self,
-        info: wire.Segment,
+        info: wire.SegmentInfo,
         lease: str,
         mapping: Mapping,
         release: Callable[[str], None],

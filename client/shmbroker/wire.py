@@ -11,12 +11,14 @@ daemon.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 __all__ = [
+    "FD_OPS",
     "MAX_CLIENT_NAME",
     "MAX_HOLDERS",
     "MAX_ID",
@@ -24,19 +26,22 @@ __all__ = [
     "MAX_NAME",
     "MAX_TTL",
     "OPS",
+    "OP_NAMES",
     "PROTOCOL_VERSION",
     "REQUESTS",
+    "RESULTS",
     "ClientInfo",
     "ClientsResult",
     "DropResult",
     "Event",
     "HelloResult",
     "Holder",
-    "Limits",
+    "LimitsInfo",
     "ListResult",
+    "OpSpec",
     "ReloadResult",
     "Request",
-    "Segment",
+    "SegmentInfo",
     "SegmentLeaseResult",
     "SegmentResult",
     "StatResult",
@@ -183,6 +188,9 @@ class Drop(_Request):
     client: int = Field(ge=0, lt=MAX_ID)
 
 
+#: The requests as one type, for mypy and pydantic's discriminated union
+#: (``shmbrokerd.protocol``).  It must be spelled out to be a static type;
+#: tests/test_surface.py checks that it holds exactly the models of ``OPS``.
 Request = (
     Hello
     | Create
@@ -199,33 +207,12 @@ Request = (
     | Drop
 )
 
-#: op name -> request model; the daemon dispatches on this table.
-REQUESTS: dict[str, type[_Request]] = {
-    m.model_fields["op"].default: m
-    for m in (
-        Hello,
-        Create,
-        Open,
-        Release,
-        Seal,
-        Delete,
-        Stat,
-        List,
-        Reclaim,
-        Reload,
-        Clients,
-        Stats,
-        Drop,
-    )
-}
-OPS = tuple(REQUESTS)
-
 
 class _Reply(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-class Segment(_Reply):
+class SegmentInfo(_Reply):
     """A segment as the daemon describes it (the contract's Segment object)."""
 
     id: str
@@ -242,7 +229,7 @@ class Segment(_Reply):
     leases: int
 
 
-class Limits(_Reply):
+class LimitsInfo(_Reply):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     max_message: int
@@ -255,12 +242,12 @@ class HelloResult(_Reply):
     server: str
     versions: list[int]
     features: list[str]
-    limits: Limits
+    limits: LimitsInfo
     events: str | None = None
 
 
 class SegmentResult(_Reply):
-    segment: Segment
+    segment: SegmentInfo
 
 
 class Holder(_Reply):
@@ -293,12 +280,12 @@ class DropResult(_Reply):
 
 
 class SegmentLeaseResult(_Reply):
-    segment: Segment
+    segment: SegmentInfo
     lease: str
 
 
 class ListResult(_Reply):
-    segments: list[Segment]
+    segments: list[SegmentInfo]
     next: str | None
 
 
@@ -345,25 +332,59 @@ class Event(_Reply):
     ts: float
 
 
-#: op name -> model of its success result.
-RESULTS: dict[str, type[_Reply]] = {
-    "hello": HelloResult,
-    "create": SegmentLeaseResult,
-    "open": SegmentLeaseResult,
-    "release": Empty,
-    "seal": SegmentResult,
-    "delete": Empty,
-    "stat": StatResult,
-    "list": ListResult,
-    "reclaim": SegmentLeaseResult,
-    "reload": ReloadResult,
-    "clients": ClientsResult,
-    "stats": StatsResult,
-    "drop": DropResult,
-}
+@dataclass(frozen=True)
+class OpSpec:
+    """One op of the contract: all that the code and the tests look up per op.
 
+    Adding an op is adding one of these to ``OPS`` (docs/protocol.md, "Adding
+    an op", lists the rest); the tables below and the daemon's dispatch
+    derive from it, and tests/test_surface.py fails until every part exists.
+    """
+
+    request: type[_Request]
+    #: the model of its success result
+    result: type[_Reply]
+    #: the success reply carries one fd (``open``: unless its ``fd`` is false)
+    fd: bool = False
+    #: refused (``EACCES``) to a peer that is not an operator (``stats``: nor a monitor)
+    operator: bool = False
+    #: the config policy's operations that may refuse it (``shmbrokerd.policy.OPS``)
+    policy: tuple[str, ...] = ()
+    #: the ``Broker`` and ``AsyncBroker`` methods that send it; () means one named as the op
+    methods: tuple[str, ...] = ()
+    #: the name on the wire, taken from the request model's ``op``
+    op: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "op", self.request.model_fields["op"].default)
+        if not self.methods:
+            object.__setattr__(self, "methods", (self.op,))
+
+
+#: Every op, in the contract's order: the one declaration the tables derive from.
+OPS: tuple[OpSpec, ...] = (
+    OpSpec(Hello, HelloResult),
+    OpSpec(Create, SegmentLeaseResult, fd=True, policy=("create",)),
+    OpSpec(Open, SegmentLeaseResult, fd=True, policy=("open_ro", "open_rw")),
+    OpSpec(Release, Empty),
+    OpSpec(Seal, SegmentResult, policy=("seal",)),
+    OpSpec(Delete, Empty, policy=("delete",)),
+    OpSpec(Stat, StatResult, methods=("stat", "holders")),
+    OpSpec(List, ListResult),
+    OpSpec(Reclaim, SegmentLeaseResult),
+    OpSpec(Reload, ReloadResult, operator=True),
+    OpSpec(Clients, ClientsResult, operator=True),
+    OpSpec(Stats, StatsResult, operator=True),
+    OpSpec(Drop, DropResult, operator=True),
+)
+#: op names, in order
+OP_NAMES: tuple[str, ...] = tuple(spec.op for spec in OPS)
+#: op name -> request model; the daemon dispatches on this table.
+REQUESTS: dict[str, type[_Request]] = {spec.op: spec.request for spec in OPS}
+#: op name -> model of its success result.
+RESULTS: dict[str, type[_Reply]] = {spec.op: spec.result for spec in OPS}
 #: Ops whose success reply carries exactly one fd (``open`` only when ``fd`` is true).
-FD_OPS = frozenset({"create", "open"})
+FD_OPS = frozenset(spec.op for spec in OPS if spec.fd)
 
 
 def dump(model: BaseModel) -> dict[str, Any]:
