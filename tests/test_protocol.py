@@ -103,7 +103,7 @@ def test_valid_table_covers_every_op() -> None:
     assert DECODE_CODES <= CONTRACT_CODES
 
 
-@pytest.mark.parametrize("op", sorted(VALID))
+@pytest.mark.parametrize("op", wire.OP_NAMES)
 def test_decode_round_trip_for_every_op(op: str) -> None:
     body = {"id": 42, "op": op, **VALID[op]}
     rid, req = decode(_j(body))
@@ -127,7 +127,16 @@ REQUIRED: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.parametrize("op", sorted(VALID))
+def test_required_table_covers_every_op_with_required_parameters() -> None:
+    with_required = {
+        spec.op
+        for spec in wire.OPS
+        if any(f.is_required() for k, f in spec.request.model_fields.items() if k != "id")
+    }
+    assert set(REQUIRED) == with_required
+
+
+@pytest.mark.parametrize("op", wire.OP_NAMES)
 def test_decode_minimal_request_fills_defaults(op: str) -> None:
     body = {"id": 0, "op": op, **REQUIRED.get(op, {})}
     rid, req = decode(_j(body))
@@ -506,7 +515,7 @@ _keys = st.sampled_from(
 @st.composite
 def _near_requests(draw: st.DrawFn) -> bytes:
     """Requests close to valid: a real op and fields, some of them wrong or doubled."""
-    op = draw(st.sampled_from(sorted(VALID)))
+    op = draw(st.sampled_from(wire.OP_NAMES))
     pairs: list[tuple[str, Any]] = [("op", op), ("id", draw(st.integers(0, 2**64)))]
     pairs += [(k, v) for k, v in VALID[op].items() if draw(st.booleans())]
     pairs += draw(st.lists(st.tuples(_keys, st.one_of(_scalars, st.just({"a": 1}))), max_size=3))
@@ -577,8 +586,8 @@ def _segment(**kw: Any) -> SegmentRecord:
 def _result(op: str) -> dict[str, Any]:
     """What the daemon answers to ``op``, built as the daemon builds it."""
     seg = _segment()
-    if op in ("create", "open", "reclaim"):
-        return Grant(seg, "tok", "rw", op != "reclaim").result()
+    if wire.RESULTS[op] is wire.SegmentLeaseResult:  # create, open, reclaim
+        return Grant(seg, "tok", "rw", op in wire.FD_OPS).result()
     if op == "seal":
         return {"segment": seg.describe()}
     if op == "stat":  # as to an operator
@@ -620,6 +629,7 @@ def _result(op: str) -> dict[str, Any]:
             "requests": {"create": 1},
             "errors": {"invalid": 2},
         }
+    assert wire.RESULTS[op] is wire.Empty, f"no result for {op}"  # release, delete
     return {}
 
 
@@ -628,11 +638,11 @@ def _devnull() -> int:
 
 
 def _expects_fd(op: str, params: dict[str, Any]) -> bool:
-    return op in ("create", "open") and params.get("fd", True) is not False
+    return op in wire.FD_OPS and params.get("fd", True) is not False
 
 
 CLIENT_CASES: list[tuple[str, dict[str, Any]]] = [
-    *VALID.items(),
+    *((op, VALID[op]) for op in wire.OP_NAMES),
     ("open", {**VALID["open"], "fd": True}),
     ("open", {"name": "a"}),
     ("create", {"name": "a", "size": 1}),
@@ -732,7 +742,7 @@ def test_errno_table_covers_the_contract() -> None:
 
 
 @pytest.mark.parametrize(("code", "cls"), ERRNO_CLASSES, ids=[c for c, _ in ERRNO_CLASSES])
-@pytest.mark.parametrize("op", ["create", "open", "stat", "release", "list"])
+@pytest.mark.parametrize("op", wire.OP_NAMES)
 def test_client_round_trip_error(code: str, cls: type[OSError] | None, op: str) -> None:
     proto = ClientProtocol()
     rid, _ = proto.request(op, VALID[op])
@@ -1054,7 +1064,7 @@ def test_valid_strategies_cover_every_op() -> None:
 
 @_property(500)
 @given(
-    op_params=st.sampled_from(sorted(_VALID_PARAMS)).flatmap(
+    op_params=st.sampled_from(wire.OP_NAMES).flatmap(
         lambda op: st.tuples(st.just(op), _VALID_PARAMS[op])
     ),
     rid=_rid,
