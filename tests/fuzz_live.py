@@ -44,6 +44,7 @@ import threading
 import time
 import traceback
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,9 @@ from .contract import DAEMON_CODES, SEGMENT_KEYS
 
 __all__ = [
     "CODES",
+    "FUZZ",
     "PARAMS",
+    "FuzzOp",
     "FuzzResult",
     "cleanup",
     "daemon_fd_count",
@@ -297,75 +300,106 @@ class Gen:
     # (2) valid requests
 
     def valid_request(self, conn: Conn, op: str | None = None) -> tuple[dict[str, Any], Pending]:
-        rng = self.rng
-        op = op or rng.choices(_OP_CHOICES, _OP_WEIGHTS)[0]
+        op = op or self.rng.choices(_OP_CHOICES, _OP_WEIGHTS)[0]
         rid = self.new_id()
         req: dict[str, Any] = {"id": rid, "op": op}
-        p = Pending("valid:" + op, rid, op=op, req=req, codes=VALID_CODES[op])
-        if op == "hello":
-            if rng.random() < 0.5:
-                req["client"] = rng.choice(["fuzz", "", "\u2603" * 10, "x" * 1000])
-        elif op == "create":
-            req["name"] = self.name()
-            r = rng.random()
-            size = rng.randint(1, 4096) if r < 0.8 else rng.choice([4096, 65536, 1 << 20, 12345])
-            req["size"] = min(size, self.shared.max_size)
-            lifetime = rng.choice([*LIFETIMES, None])
-            if lifetime is not None:
-                req["lifetime"] = lifetime
-            if lifetime == "ttl":
-                req["ttl"] = rng.choice([0, 0.0, 0.01, 0.05, 0.3, 1])
-            if rng.random() < 0.4:
-                req["exist_ok"] = rng.random() < 0.7
-            if rng.random() < 0.3:
-                req["mode"] = rng.choice([0o600, 0o644, 0o666, 0o400, 0, 0o777])
-            if rng.random() < 0.6:
-                req["backing"] = rng.choice(["shm", "memfd"])
-        elif op == "open":
-            req["name"] = self.name()
-            if rng.random() < 0.6:
-                req["access"] = rng.choice(["ro", "rw"])
-            if rng.random() < 0.25:
-                req["fd"] = rng.random() < 0.5
-            if rng.random() < 0.1 and len(conn.waiting) < 48:
-                req["wait"] = min(rng.choice([0, 0.01, 0.05, 0.2]), self.shared.max_wait)
-                p.wait = True
-        elif op in ("release", "reclaim"):
-            r = rng.random()
-            if op == "release" and conn.leases and r < 0.75:
-                token = rng.choice(list(conn.leases))
-            elif r < 0.9 and self.shared.tokens:
-                token = rng.choice(self.shared.tokens)
-            else:
-                token = rng.randbytes(24).hex()
-            req["lease"] = token
-            if op == "reclaim" or token not in conn.leases:
-                # not this connection's lease; nothing was restarted, so
-                # nothing awaits reclaim either
-                p.ok = False
-                p.codes = frozenset({"ENOENT"})
-            else:
-                del conn.leases[token]  # released by the time any later request runs
-                p.codes = _NO_ERROR
-        elif op in ("seal", "delete", "stat"):
-            req["name"] = self.name()
-            if op == "stat" and rng.random() < 0.3:
-                req["holders"] = rng.random() < 0.7
-        elif op == "list":
-            if rng.random() < 0.7:
-                req["prefix"] = rng.choice([self.shared.ns, self.shared.ns + "/d", self.name()])
-            if rng.random() < 0.3:
-                req["after"] = self.name()
-            if rng.random() < 0.5:
-                req["limit"] = rng.randint(1, 100)
-        elif op == "clients":
-            if rng.random() < 0.3:
-                req["after"] = rng.randint(0, 100)
-            if rng.random() < 0.5:
-                req["limit"] = rng.randint(1, 100)
-        elif op == "drop":  # never a client that exists: the fuzzer drops no one
-            req["client"] = rng.randint(2**40, MAX_ID - 1)
+        p = Pending("valid:" + op, rid, op=op, req=req, codes=FUZZ[op].codes)
+        fill: Callable[[Conn, dict[str, Any], Pending], None] = getattr(self, "valid_" + op)
+        fill(conn, req, p)
         return req, p
+
+    # one generator per op (valid_<op>): it sets FUZZ[op].params, or some of them
+
+    def valid_hello(self, conn: Conn, req: dict[str, Any], p: Pending) -> None:
+        rng = self.rng
+        if rng.random() < 0.5:
+            req["client"] = rng.choice(["fuzz", "", "\u2603" * 10, "x" * 1000])
+
+    def valid_create(self, conn: Conn, req: dict[str, Any], p: Pending) -> None:
+        rng = self.rng
+        req["name"] = self.name()
+        r = rng.random()
+        size = rng.randint(1, 4096) if r < 0.8 else rng.choice([4096, 65536, 1 << 20, 12345])
+        req["size"] = min(size, self.shared.max_size)
+        lifetime = rng.choice([*LIFETIMES, None])
+        if lifetime is not None:
+            req["lifetime"] = lifetime
+        if lifetime == "ttl":
+            req["ttl"] = rng.choice([0, 0.0, 0.01, 0.05, 0.3, 1])
+        if rng.random() < 0.4:
+            req["exist_ok"] = rng.random() < 0.7
+        if rng.random() < 0.3:
+            req["mode"] = rng.choice([0o600, 0o644, 0o666, 0o400, 0, 0o777])
+        if rng.random() < 0.6:
+            req["backing"] = rng.choice(["shm", "memfd"])
+
+    def valid_open(self, conn: Conn, req: dict[str, Any], p: Pending) -> None:
+        rng = self.rng
+        req["name"] = self.name()
+        if rng.random() < 0.6:
+            req["access"] = rng.choice(["ro", "rw"])
+        if rng.random() < 0.25:
+            req["fd"] = rng.random() < 0.5
+        if rng.random() < 0.1 and len(conn.waiting) < 48:
+            req["wait"] = min(rng.choice([0, 0.01, 0.05, 0.2]), self.shared.max_wait)
+            p.wait = True
+
+    def valid_release(self, conn: Conn, req: dict[str, Any], p: Pending) -> None:
+        rng = self.rng
+        r = rng.random()
+        if req["op"] == "release" and conn.leases and r < 0.75:
+            token = rng.choice(list(conn.leases))
+        elif r < 0.9 and self.shared.tokens:
+            token = rng.choice(self.shared.tokens)
+        else:
+            token = rng.randbytes(24).hex()
+        req["lease"] = token
+        if req["op"] == "reclaim" or token not in conn.leases:
+            # not this connection's lease; nothing was restarted, so
+            # nothing awaits reclaim either
+            p.ok = False
+            p.codes = frozenset({"ENOENT"})
+        else:
+            del conn.leases[token]  # released by the time any later request runs
+            p.codes = _NO_ERROR
+
+    valid_reclaim = valid_release
+
+    def valid_seal(self, conn: Conn, req: dict[str, Any], p: Pending) -> None:
+        req["name"] = self.name()
+
+    valid_delete = valid_seal
+
+    def valid_stat(self, conn: Conn, req: dict[str, Any], p: Pending) -> None:
+        rng = self.rng
+        req["name"] = self.name()
+        if rng.random() < 0.3:
+            req["holders"] = rng.random() < 0.7
+
+    def valid_list(self, conn: Conn, req: dict[str, Any], p: Pending) -> None:
+        rng = self.rng
+        if rng.random() < 0.7:
+            req["prefix"] = rng.choice([self.shared.ns, self.shared.ns + "/d", self.name()])
+        if rng.random() < 0.3:
+            req["after"] = self.name()
+        if rng.random() < 0.5:
+            req["limit"] = rng.randint(1, 100)
+
+    def valid_reload(self, conn: Conn, req: dict[str, Any], p: Pending) -> None:
+        """No parameters (``stats`` neither)."""
+
+    valid_stats = valid_reload
+
+    def valid_clients(self, conn: Conn, req: dict[str, Any], p: Pending) -> None:
+        rng = self.rng
+        if rng.random() < 0.3:
+            req["after"] = rng.randint(0, 100)
+        if rng.random() < 0.5:
+            req["limit"] = rng.randint(1, 100)
+
+    def valid_drop(self, conn: Conn, req: dict[str, Any], p: Pending) -> None:
+        """Never a client that exists: the fuzzer drops no one."""
+        req["client"] = self.rng.randint(2**40, MAX_ID - 1)
 
     def valid(self, conn: Conn) -> Out:
         req, p = self.valid_request(conn)
@@ -569,54 +603,52 @@ def _replace_value(req: dict[str, Any], key: str, raw: str) -> bytes:
     return ("{" + ",".join(parts) + "}").encode()
 
 
-#: What a valid request over the fuzzer's own names may fail with. Never
-#: EINVAL: every request the generator calls valid must be taken.
-VALID_CODES: dict[str, frozenset[str]] = {
-    "hello": _NO_ERROR,
+@dataclass(frozen=True)
+class FuzzOp:
+    """The fuzzer's entry for one op (its generator is ``Gen.valid_<op>``)."""
+
+    #: how often it is sent, relative to the others
+    weight: float
+    #: what a valid request over the fuzzer's own names may fail with. Never
+    #: EINVAL: every request the generator calls valid must be taken.
+    codes: frozenset[str]
+    #: the parameters its generator sets (all of the request's)
+    params: frozenset[str] = frozenset()
+
+
+def _codes(*codes: str) -> frozenset[str]:
+    return frozenset(codes)
+
+
+#: One entry per op of wire.OPS (tests/test_surface.py checks it).
+FUZZ: dict[str, FuzzOp] = {
+    "hello": FuzzOp(5, _NO_ERROR, _codes("client")),
     # EPERM: exist_ok on a sealed segment is an rw open; EOPNOTSUPP: persistent memfd
-    "create": frozenset({"EEXIST", "EACCES", "EDQUOT", "ENOSPC", "EOPNOTSUPP", "EPERM", "EMFILE"}),
-    "open": frozenset({"ENOENT", "ETIMEDOUT", "EACCES", "EPERM", "EAGAIN", "EMFILE"}),
-    "release": frozenset({"ENOENT"}),  # narrowed per request
-    "seal": frozenset({"ENOENT", "EACCES"}),
-    "delete": frozenset({"ENOENT", "EACCES"}),
-    "stat": frozenset({"ENOENT", "EACCES"}),
-    "list": _NO_ERROR,
-    "reclaim": frozenset({"ENOENT"}),
-    "reload": frozenset({"EACCES", "EINVAL"}),  # EINVAL: the config file on disk is bad
-    "clients": frozenset({"EACCES"}),  # for operators only
-    "stats": frozenset({"EACCES"}),
-    "drop": frozenset({"ENOENT", "EACCES"}),
+    "create": FuzzOp(
+        22,
+        _codes("EEXIST", "EACCES", "EDQUOT", "ENOSPC", "EOPNOTSUPP", "EPERM", "EMFILE"),
+        _codes("name", "size", "lifetime", "ttl", "exist_ok", "mode", "backing"),
+    ),
+    "open": FuzzOp(
+        22,
+        _codes("ENOENT", "ETIMEDOUT", "EACCES", "EPERM", "EAGAIN", "EMFILE"),
+        _codes("name", "access", "wait", "fd"),
+    ),
+    "release": FuzzOp(16, _codes("ENOENT"), _codes("lease")),  # codes narrowed per request
+    "seal": FuzzOp(4, _codes("ENOENT", "EACCES"), _codes("name")),
+    "delete": FuzzOp(7, _codes("ENOENT", "EACCES"), _codes("name")),
+    "stat": FuzzOp(7, _codes("ENOENT", "EACCES"), _codes("name", "holders")),
+    "list": FuzzOp(6, _NO_ERROR, _codes("prefix", "after", "limit")),
+    "reclaim": FuzzOp(3, _codes("ENOENT"), _codes("lease")),
+    # EINVAL: the config file on disk is bad
+    "reload": FuzzOp(0.05, _codes("EACCES", "EINVAL")),
+    "clients": FuzzOp(2, _codes("EACCES"), _codes("after", "limit")),  # for operators only
+    "stats": FuzzOp(2, _codes("EACCES")),
+    "drop": FuzzOp(1, _codes("ENOENT", "EACCES"), _codes("client")),
 }
-PARAMS: dict[str, set[str]] = {
-    "hello": {"client"},
-    "create": {"name", "size", "lifetime", "ttl", "exist_ok", "mode", "backing"},
-    "open": {"name", "access", "wait", "fd"},
-    "release": {"lease"},
-    "seal": {"name"},
-    "delete": {"name"},
-    "stat": {"name", "holders"},
-    "list": {"prefix", "after", "limit"},
-    "reclaim": {"lease"},
-    "reload": set(),
-    "clients": {"after", "limit"},
-    "stats": set(),
-    "drop": {"client"},
-}
-_OP_WEIGHTS_BY_OP = {
-    "hello": 5,
-    "create": 22,
-    "open": 22,
-    "release": 16,
-    "seal": 4,
-    "delete": 7,
-    "stat": 7,
-    "list": 6,
-    "reclaim": 3,
-    "reload": 0.05,
-    "clients": 2,
-    "stats": 2,
-    "drop": 1,
-}
+#: op -> the parameters the fuzzer knows
+PARAMS: dict[str, frozenset[str]] = {op: entry.params for op, entry in FUZZ.items()}
+_OP_WEIGHTS_BY_OP = {op: entry.weight for op, entry in FUZZ.items()}
 _OP_CHOICES = list(_OP_WEIGHTS_BY_OP)
 _OP_WEIGHTS = list(_OP_WEIGHTS_BY_OP.values())
 _MUTABLE_OPS = [op for op in _OP_CHOICES if op != "reload"]
