@@ -6,6 +6,8 @@ with its own definition of the contract could not catch a wrong definition.
 
 from __future__ import annotations
 
+from typing import Any
+
 #: Every code of the contract's error table.
 CONTRACT_CODES = frozenset(
     {
@@ -43,3 +45,21 @@ SEGMENT_KEYS = frozenset(
         "leases",
     }
 )
+
+#: The smallest valid request of each op: its required parameters (an op
+#: without one: ``{}``), as the contract's table of operations lists them.
+MINIMAL: dict[str, dict[str, Any]] = {
+    "hello": {},
+    "create": {"name": "a", "size": 1},
+    "open": {"name": "a"},
+    "release": {"lease": "tok"},
+    "seal": {"name": "a"},
+    "delete": {"name": "a"},
+    "stat": {"name": "a"},
+    "list": {},
+    "reclaim": {"lease": "tok"},
+    "reload": {},
+    "clients": {},
+    "stats": {},
+    "drop": {"client": 1},
+}

@@ -16,6 +16,8 @@ from pydantic import ValidationError
 from shmbroker import wire
 from shmbrokerd.registry import Grant, SegmentRecord
 
+from .contract import MINIMAL
+
 
 def _error_types(exc: ValidationError) -> list[str]:
     return [e["type"] for e in exc.errors()]
@@ -173,30 +175,17 @@ def test_name_must_be_a_string() -> None:
 
 # -- request strictness -------------------------------------------------------------
 
+
 #: One minimal valid request per op.
-MINIMAL: dict[str, dict[str, Any]] = {
-    "hello": {},
-    "create": {"name": "a", "size": 1},
-    "open": {"name": "a"},
-    "release": {"lease": "tok"},
-    "seal": {"name": "a"},
-    "delete": {"name": "a"},
-    "stat": {"name": "a"},
-    "list": {},
-    "reclaim": {"lease": "tok"},
-    "reload": {},
-    "clients": {},
-    "stats": {},
-    "drop": {"client": 1},
-}
-
-
 def _req(op: str, **params: Any) -> dict[str, Any]:
     return {"id": 7, "op": op, **MINIMAL[op], **params}
 
 
 def test_minimal_table_covers_every_op() -> None:
     assert set(MINIMAL) == set(wire.REQUESTS) == set(wire.OP_NAMES)
+    for spec in wire.OPS:  # exactly the required parameters
+        fields = spec.request.model_fields.items()
+        assert set(MINIMAL[spec.op]) == {k for k, f in fields if f.is_required()} - {"id"}
 
 
 @pytest.mark.parametrize("op", wire.OP_NAMES)
