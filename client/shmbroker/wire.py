@@ -230,6 +230,8 @@ class SegmentInfo(_Reply):
 
 
 class LimitsInfo(_Reply):
+    """The daemon's limits, as ``hello`` reports them (more keys may come: kept)."""
+
     model_config = ConfigDict(extra="allow", frozen=True)
 
     max_message: int
