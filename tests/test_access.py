@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from shmbroker import Broker, SegmentPermissionError
+from shmbroker import Broker, SegmentPermissionError, wire
 
 from .helpers import DaemonProc, eventually, wait_line
 
@@ -376,19 +376,25 @@ def test_memfd_seal_is_in_the_kernel_when_the_reply_arrives(daemon: DaemonProc) 
 
 
 def test_operator_only_ops_refused_to_others_allowed_to_root(daemon: DaemonProc) -> None:
+    operator_ops = [spec.op for spec in wire.OPS if spec.operator]
+    assert {"stats", "clients", "reload", "drop"} <= set(operator_ops)
     got = client_json(
         """
         import errno
+        from shmbroker import wire
         out = {}
         with Broker(SOCK) as b:
-            for op in ("stats", "clients", "reload"):
+            for spec in wire.OPS:
+                if not spec.operator:
+                    continue
                 try:
-                    r = getattr(b, op)()
-                    if op == "clients":
+                    # drop: of a client id, refused before it is looked up
+                    r = getattr(b, spec.methods[0])(*([1] if spec.op == "drop" else []))
+                    if spec.op == "clients":
                         list(r)
-                    out[op] = "ok"
+                    out[spec.op] = "ok"
                 except PermissionError as e:
-                    out[op] = errno.errorcode[e.errno]
+                    out[spec.op] = errno.errorcode[e.errno]
             out["hello"] = b.hello().versions  # the connection still serves
         print(json.dumps(out))
         """,
@@ -396,7 +402,7 @@ def test_operator_only_ops_refused_to_others_allowed_to_root(daemon: DaemonProc)
         uid=NOBODY,
         gid=NOBODY,
     )
-    assert got == {"stats": "EACCES", "clients": "EACCES", "reload": "EACCES", "hello": [1]}
+    assert got == {**dict.fromkeys(operator_ops, "EACCES"), "hello": [1]}
 
     # a client of another uid, still connected, as root sees it (SO_PEERCRED)
     other = spawn_as(
