@@ -91,6 +91,7 @@ run: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(VPY) scripts/unasync.py --check  # _sync.py is generated from _async.py
 
 typecheck: setup
 	$(BIN)/mypy

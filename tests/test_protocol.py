@@ -2,7 +2,7 @@
 
 The daemon half (``shmbrokerd.protocol``) must map every datagram, however
 hostile, to a validated request or to an error reply with the contract's
-code, and never raise; the client half (``shmbroker._protocol``) must turn
+code, and never raise; the client half (``shmbroker._calls``) must turn
 every reply into the result model or the ``OSError`` subclass the OS would
 raise.  Fds are real (``/dev/null`` opened) so that closing them is checked.
 """
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shmbroker import wire
-from shmbroker._protocol import ClientProtocol
+from shmbroker._calls import ClientProtocol
 from shmbroker.errors import BrokerError, error_from_errno
 from shmbrokerd.protocol import (
     decode,

@@ -24,7 +24,7 @@ from typing import TypedDict
 from pydantic_core import PydanticCustomError
 
 from . import wire
-from ._api import Lifetime
+from ._params import Lifetime
 from ._sync import Broker
 from .errors import BrokerError
 

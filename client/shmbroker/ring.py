@@ -147,7 +147,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from . import wire
-from ._api import Backing, Lifetime
+from ._params import Backing, Lifetime
 from .segment import Segment
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ import os
 import secrets
 from typing import TYPE_CHECKING, Any, Unpack
 
-from ._api import Access
+from ._params import Access
 from ._shareable_list import ShareableList
 from ._shm_names import Extras, broker_name, check_extras, default_broker, translate
 from .errors import BrokerError

@@ -1,4 +1,4 @@
-"""The client half of the wire protocol, with no I/O (sans-IO).
+"""The client half of the wire protocol, with no I/O (sans-IO): calls as bytes.
 
 Both :class:`~shmbroker.Broker` and :class:`~shmbroker.AsyncBroker` drive
 this one object: it numbers requests, encodes them, and turns each received
