@@ -13,7 +13,6 @@ touched.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import ctypes
 import grp
@@ -40,6 +39,7 @@ from .config import (
     restart_needed,
 )
 from .events import EventPublisher, ipc_endpoint_for
+from .ids import TokenSource, segment_ids
 from .metrics import registry_stats, shm_usage
 from .prefix_lock import PrefixLock
 from .registry import Limits, Registry, SegmentRecord
@@ -168,7 +168,7 @@ class Daemon:
         self.registry = Registry(
             self._limits(cfg),
             new_token=TokenSource().next,
-            new_segment_id=_segment_id_factory(),
+            new_segment_id=segment_ids(),
             journal=self.state.record,
             policy=build_policy(cfg),
             wants_event=lambda name: False,  # no subscriber before the events socket
@@ -487,31 +487,6 @@ class Daemon:
             self.reload()
 
 
-class TokenSource:
-    """Lease tokens: 192 random bits each, as ``secrets.token_urlsafe(24)`` gives.
-
-    The bits come from ``os.urandom`` a few KiB at a time instead of one
-    ``getrandom`` call per token: the same source, a system call less per
-    ``open``.  They are encoded a pool at a time too: 24 bytes are 32
-    base64 characters with no padding, so the encoding of the pool is the
-    tokens of its 24-byte pieces, end to end.
-    """
-
-    _CHUNK = 24 * 170
-
-    def __init__(self) -> None:
-        self._pool = ""
-        self._at = 0
-
-    def next(self) -> str:
-        at = self._at
-        if at == len(self._pool):
-            self._pool = base64.urlsafe_b64encode(os.urandom(self._CHUNK)).decode("ascii")
-            at = 0
-        self._at = at + 32
-        return self._pool[at : at + 32]
-
-
 def _segment_from(rec: dict[str, Any]) -> SegmentRecord | None:
     try:
         return SegmentRecord(
@@ -549,16 +524,3 @@ def _give_back_memory() -> None:
 def _tmpfs_size(path: str) -> int:
     st = os.statvfs(path)
     return st.f_blocks * st.f_frsize
-
-
-def _segment_id_factory() -> Any:
-    """Ids unique across restarts: start time in ns, then a counter, in hex."""
-    epoch = time.time_ns()
-    counter = 0
-
-    def new_id() -> str:
-        nonlocal counter
-        counter += 1
-        return f"{epoch:x}-{counter:x}"
-
-    return new_id

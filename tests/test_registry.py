@@ -18,7 +18,7 @@ import pytest
 
 from shmbroker import wire
 from shmbroker.errors import BrokerError
-from shmbrokerd.daemon import TokenSource
+from shmbrokerd.ids import TokenSource
 from shmbrokerd.registry import (
     ArmTimer,
     CreatePlan,
