@@ -28,7 +28,7 @@ from typing import Any
 
 from shmbroker import wire
 
-from . import __version__
+from . import __version__, records
 from .backing import Store
 from .config import (
     Config,
@@ -42,7 +42,7 @@ from .events import EventPublisher, ipc_endpoint_for
 from .ids import TokenSource, segment_ids
 from .metrics import registry_stats, shm_usage
 from .prefix_lock import PrefixLock
-from .registry import Limits, Registry, SegmentRecord
+from .registry import Limits, Registry
 from .server import Server, ServerLimits
 from .state import StateFile
 from .systemd_glue import Supervisor
@@ -223,7 +223,7 @@ class Daemon:
         kept = 0
         snapshot = not self.state.snapshot.exists()
         for seg_id, rec in loaded.segments.items():
-            seg = _segment_from(rec)
+            seg = records.segment_from(rec)
             if seg is None:
                 log.warning("state: dropping unreadable entry %s", seg_id)
                 continue
@@ -240,7 +240,7 @@ class Daemon:
             else:
                 log.warning("state: object of %s (%s) is gone; dropped", seg.name, seg_id)
                 continue
-            self.registry.restore(seg, _leases_of(leases.get(seg_id, [])))
+            self.registry.restore(seg, records.leases_from(leases.get(seg_id, [])))
             kept += 1
         for seg_id in objects:
             log.warning("removing orphaned object %s (no state entry)", self.store.path(seg_id))
@@ -485,34 +485,6 @@ class Daemon:
     def _reload_from_signal(self) -> None:
         with contextlib.suppress(ConfigError):
             self.reload()
-
-
-def _segment_from(rec: dict[str, Any]) -> SegmentRecord | None:
-    try:
-        return SegmentRecord(
-            id=str(rec["id"]),
-            name=str(rec["name"]),
-            size=int(rec["size"]),
-            lifetime=str(rec["lifetime"]),
-            ttl=None if rec.get("ttl") is None else float(rec["ttl"]),
-            backing=str(rec["backing"]),
-            mode=int(rec["mode"]),
-            created=float(rec["created"]),
-            owner_uid=int(rec["owner_uid"]),
-            owner_gid=int(rec["owner_gid"]),
-            sealed=bool(rec.get("sealed", False)),
-            ttl_deadline=None if rec.get("at") is None else float(rec["at"]),
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _leases_of(records: list[dict[str, Any]]) -> list[tuple[str, int, Any, bool]]:
-    return [
-        (str(rec["t"]), int(rec["u"]), rec["a"], bool(rec.get("c")))
-        for rec in records
-        if rec.get("a") in ("ro", "rw")
-    ]
 
 
 def _give_back_memory() -> None:

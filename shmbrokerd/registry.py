@@ -37,13 +37,16 @@ from __future__ import annotations
 import bisect
 import errno
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 from shmbroker.errors import BrokerError, error_from_errno
 from shmbroker.wire import MAX_HOLDERS, Create, Open
 
+from . import records
+from .model import Access, Lease, Peer, SegmentRecord
 from .policy import Op, Policy
+from .records import Record
 
 __all__ = [
     "ArmTimer",
@@ -61,7 +64,6 @@ __all__ = [
     "Waiting",
 ]
 
-Access = Literal["ro", "rw"]
 EventName = Literal["created", "opened", "released", "sealed", "deleted", "expired", "dropped"]
 
 
@@ -69,91 +71,13 @@ def _refuse(num: int, message: str) -> BrokerError:
     return error_from_errno(num, message)
 
 
+def _not_held() -> BrokerError:
+    return _refuse(errno.ENOENT, "no such lease on this connection")
+
+
 def _holder_order(item: tuple[tuple[int | None, int, str], int]) -> tuple[int, int, int, str]:
     (client, uid, access), _n = item
     return (client is None, client or 0, uid, access)
-
-
-@dataclass(slots=True)
-class Peer:
-    """One connection, identified by ``SO_PEERCRED`` at accept."""
-
-    id: int
-    pid: int
-    uid: int
-    gid: int
-    groups: frozenset[int]
-    operator: bool
-    connected: float
-    leases: set[str] = field(default_factory=set)
-    waiters: set[int] = field(default_factory=set)
-    #: the name it gave ``hello`` (cut to ``MAX_CLIENT_NAME``), for operators
-    name: str | None = None
-    #: primary and supplementary groups: what group bits and policy match
-    gids: frozenset[int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.gids = self.groups | {self.gid}
-
-
-@dataclass(slots=True, eq=False)
-class SegmentRecord:
-    id: str
-    name: str
-    size: int
-    lifetime: str
-    ttl: float | None
-    backing: str
-    mode: int
-    created: float
-    owner_uid: int
-    owner_gid: int
-    sealed: bool = False
-    live: bool = True
-    creator_lease: str | None = None
-    leases: set[str] = field(default_factory=set)
-    ttl_generation: int = 0
-    ttl_armed: bool = False
-    #: wall-clock end of the running ttl countdown (persisted for restarts)
-    ttl_deadline: float | None = None
-    #: the edge's cache of its encoded description (``protocol.encode_grant``);
-    #: of the fields ``describe`` reports but ``leases``, only ``sealed`` changes
-    head: bytes | None = field(default=None, repr=False)
-
-    def describe(self) -> dict[str, object]:
-        """The contract's Segment object."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "size": self.size,
-            "lifetime": self.lifetime,
-            "ttl": self.ttl,
-            "sealed": self.sealed,
-            "backing": self.backing,
-            "mode": self.mode,
-            "created": self.created,
-            "owner_uid": self.owner_uid,
-            "owner_gid": self.owner_gid,
-            "leases": len(self.leases),
-        }
-
-    def record(self) -> dict[str, Any]:
-        """The state-file form (see ``state.py``)."""
-        rec: dict[str, Any] = self.describe()
-        del rec["leases"]
-        rec["k"] = "seg"
-        rec["at"] = self.ttl_deadline
-        return rec
-
-
-@dataclass(slots=True)
-class Lease:
-    token: str
-    segment: SegmentRecord
-    uid: int
-    access: Access
-    #: None while the lease waits to be reclaimed after a restart.
-    peer: int | None
 
 
 @dataclass(slots=True)
@@ -264,7 +188,7 @@ class Registry:
         *,
         new_token: Callable[[], str],
         new_segment_id: Callable[[], str],
-        journal: Callable[[dict[str, Any]], None] = lambda rec: None,
+        journal: Callable[[Record], None] = lambda rec: None,
         policy: Policy | None = None,
         wants_event: Callable[[str], bool] = lambda name: True,
     ) -> None:
@@ -411,7 +335,7 @@ class Registry:
             owner_gid=peer.gid,
         )
         self._insert(seg)
-        self._journal(seg.record())
+        self._journal(records.segment(seg))
         self._publish("created", seg, peer)
         token = self._add_lease(peer, seg, "rw", creator=True)
         seg.creator_lease = token
@@ -494,7 +418,8 @@ class Registry:
         if access == "rw" and seg.sealed:
             raise _refuse(errno.EPERM, f"{seg.name} is sealed: read-only opens only")
         token = self._add_lease(peer, seg, access)
-        self._publish("opened", seg, peer)
+        if self.wants_event(seg.name):  # _publish, inlined: every open comes here
+            self.effects.append(Publish("opened", seg.name, seg.size, peer.uid, peer.pid))
         return Grant(seg, token, access, fd)
 
     def _add_lease(
@@ -504,18 +429,17 @@ class Registry:
         self.leases[token] = Lease(token, seg, peer.uid, access, peer.id)
         seg.leases.add(token)
         peer.leases.add(token)
-        self._journal(
-            {"k": "lease", "t": token, "s": seg.id, "u": peer.uid, "a": access, "c": creator}
-        )
+        self._journal(records.lease(token, seg.id, peer.uid, access, creator))
         if seg.ttl_armed:  # a new lease cancels the countdown
             seg.ttl_armed = False
             seg.ttl_generation += 1
             seg.ttl_deadline = None
-            self._journal({"k": "ttl", "id": seg.id, "at": None})
+            self._journal(records.ttl(seg.id, None))
         return token
 
     def release(self, peer: Peer, token: str, now: float) -> None:
-        self._held(peer, token)
+        if token not in peer.leases:  # checked inline here and below: the hot path
+            raise _not_held()
         self._end_lease(token, peer, now)
 
     def release_removes(self, peer: Peer, token: str) -> bool:
@@ -527,14 +451,10 @@ class Registry:
         first: when its reply arrives, the name is free.  Raises ``ENOENT``
         for a lease this peer does not hold, as :meth:`release` does.
         """
-        self._held(peer, token)
+        if token not in peer.leases:
+            raise _not_held()
         seg = self.leases[token].segment
         return seg.live and self._ends_segment(seg, token, len(seg.leases) - 1)
-
-    @staticmethod
-    def _held(peer: Peer, token: str) -> None:
-        if token not in peer.leases:
-            raise _refuse(errno.ENOENT, "no such lease on this connection")
 
     @staticmethod
     def _ends_segment(seg: SegmentRecord, token: str, left: int) -> bool:
@@ -552,7 +472,7 @@ class Registry:
         if peer is not None:
             peer.leases.discard(token)
         if seg.live:
-            self._journal({"k": "unlease", "t": token})
+            self._journal(records.unlease(token))
         self._publish("released", seg, peer)
         if not seg.live:
             if not seg.leases:
@@ -572,7 +492,7 @@ class Registry:
         seg.ttl_armed = True
         seg.ttl_generation += 1
         seg.ttl_deadline = now + delay
-        self._journal({"k": "ttl", "id": seg.id, "at": seg.ttl_deadline})
+        self._journal(records.ttl(seg.id, seg.ttl_deadline))
         self.effects.append(ArmTimer(seg.id, seg.ttl_generation, delay))
 
     def expire(self, segment_id: str, generation: int, now: float) -> None:
@@ -588,7 +508,7 @@ class Registry:
         seg.ttl_armed = False
         seg.ttl_deadline = None
         del self.segments[seg.name]
-        self._journal({"k": "unseg", "id": seg.id})
+        self._journal(records.unsegment(seg.id))
         i = bisect.bisect_left(self._names, seg.name)
         del self._names[i]
         self.total_bytes -= seg.size
@@ -613,7 +533,7 @@ class Registry:
         if not seg.sealed:
             seg.sealed = True
             seg.head = None
-            self._journal({"k": "seal", "id": seg.id})
+            self._journal(records.seal(seg.id))
             if seg.backing == "memfd":
                 self.effects.append(SealBacking(seg))
             self._publish("sealed", seg, peer)
@@ -727,21 +647,16 @@ class Registry:
                     self._end_lease(token, peer, now)
         self.peers.clear()
 
-    def records(self) -> Iterator[dict[str, Any]]:
+    def records(self) -> Iterator[Record]:
         """The whole state in state-file records (for a snapshot)."""
         for seg in self.segments.values():
-            yield seg.record()
+            yield records.segment(seg)
         for lease in self.leases.values():
             seg = lease.segment
             if seg.live:
-                yield {
-                    "k": "lease",
-                    "t": lease.token,
-                    "s": seg.id,
-                    "u": lease.uid,
-                    "a": lease.access,
-                    "c": lease.token == seg.creator_lease,
-                }
+                yield records.lease(
+                    lease.token, seg.id, lease.uid, lease.access, lease.token == seg.creator_lease
+                )
 
     def restore(self, seg: SegmentRecord, leases: list[tuple[str, int, Access, bool]]) -> None:
         """Put back a segment, and its leases awaiting reclaim, after a restart.
