@@ -16,7 +16,7 @@ Creating a segment is two-phase because reserving memory can fail
 decides, the edge creates the backing object, :meth:`Registry.commit_create`
 records it.  Nothing happens in between (the server is single-threaded).
 
-The rules, in brief:
+The rules, in brief (the lifetimes' are a table, in ``lifetimes.py``):
 
 * a lease belongs to the connection that got it; only it may release it;
   a disconnect releases all of them; a daemon stop keeps every one on a live
@@ -44,6 +44,7 @@ from shmbroker.errors import BrokerError, error_from_errno
 from shmbroker.wire import MAX_HOLDERS, Create, Open
 
 from . import records
+from .lifetimes import Fate, fate, memfd_needs_fd_store
 from .model import Access, Lease, Peer, SegmentRecord
 from .policy import Op, Policy
 from .records import Record
@@ -310,7 +311,7 @@ class Registry:
                 errno.EINVAL, f"size: {req.size} is over max_segment_size {lim.max_segment_size}"
             )
         backing = req.backing or lim.default_backing
-        if backing == "memfd" and req.lifetime == "persistent" and not lim.memfd_persistent:
+        if backing == "memfd" and memfd_needs_fd_store(req.lifetime) and not lim.memfd_persistent:
             raise _refuse(errno.EOPNOTSUPP, "persistent memfd segments need the systemd fd store")
         if len(self.segments) >= lim.max_segments:
             raise _refuse(errno.ENOSPC, f"max_segments ({lim.max_segments}) reached")
@@ -454,16 +455,10 @@ class Registry:
         if token not in peer.leases:
             raise _not_held()
         seg = self.leases[token].segment
-        return seg.live and self._ends_segment(seg, token, len(seg.leases) - 1)
-
-    @staticmethod
-    def _ends_segment(seg: SegmentRecord, token: str, left: int) -> bool:
-        """Does ending lease ``token``, leaving ``left`` leases, remove ``seg``?"""
-        if seg.lifetime == "owner":
-            return token == seg.creator_lease
-        if left:
+        if not seg.live:
             return False
-        return seg.lifetime == "refcount" or (seg.lifetime == "ttl" and not seg.ttl)
+        then = fate(seg, token, len(seg.leases) - 1)
+        return then is Fate.UNLINK or (then is Fate.COUNTDOWN and not seg.ttl)
 
     def _end_lease(self, token: str, peer: Peer | None, now: float) -> None:
         lease = self.leases.pop(token)
@@ -478,12 +473,12 @@ class Registry:
             if not seg.leases:
                 self.by_id.pop(seg.id, None)
             return
-        if seg.lifetime == "ttl":
-            if not seg.leases:
-                assert seg.ttl is not None
-                self._arm_ttl(seg, now, seg.ttl)
-        elif self._ends_segment(seg, token, len(seg.leases)):
+        then = fate(seg, token, len(seg.leases))
+        if then is Fate.UNLINK:
             self._remove(seg, "deleted", peer)
+        elif then is Fate.COUNTDOWN:
+            assert seg.ttl is not None
+            self._arm_ttl(seg, now, seg.ttl)
 
     def _arm_ttl(self, seg: SegmentRecord, now: float, delay: float) -> None:
         if delay <= 0:
@@ -675,12 +670,13 @@ class Registry:
         self._names.sort()
         self.reclaim_until = now + window
         for seg in list(self.segments.values()):
-            if seg.lifetime == "ttl" and not seg.leases:
+            then = fate(seg, None, len(seg.leases))
+            if then is Fate.UNLINK:
+                self._remove(seg, "deleted", None)
+            elif then is Fate.COUNTDOWN:  # resumed where the last run left it
                 assert seg.ttl is not None
                 remaining = seg.ttl if seg.ttl_deadline is None else seg.ttl_deadline - now
                 self._arm_ttl(seg, now, remaining)
-            elif seg.lifetime in ("refcount", "owner") and not seg.leases:
-                self._remove(seg, "deleted", None)
 
     def reclaim(self, peer: Peer, token: str, now: float) -> Grant:
         lease = self.leases.get(token)
