@@ -42,7 +42,7 @@ from .events import EventPublisher, ipc_endpoint_for
 from .ids import TokenSource, segment_ids
 from .metrics import registry_stats, shm_usage
 from .prefix_lock import PrefixLock
-from .registry import Limits, Registry
+from .registry import Registry, RegistryLimits
 from .server import Server, ServerLimits
 from .state import StateFile
 from .systemd_glue import Supervisor
@@ -189,9 +189,9 @@ class Daemon:
             stats_extra=self.stats_extra,
         )
 
-    def _limits(self, cfg: Config) -> Limits:
+    def _limits(self, cfg: Config) -> RegistryLimits:
         total = cfg.max_total_bytes or _tmpfs_size(self.store.shm_dir)
-        return Limits(
+        return RegistryLimits(
             max_segment_size=cfg.max_segment_size,
             max_segments=cfg.max_segments,
             max_total_bytes=total,

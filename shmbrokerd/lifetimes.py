@@ -2,7 +2,7 @@
 
 Strategy (as h11's ``_state.py`` keeps every transition in dicts looked up
 in one place): each lifetime of ``PROTOCOL.md``'s table is one
-:class:`Rule` in :data:`LIFETIMES`, and :func:`fate` is the one place that
+:class:`Lifetime` in :data:`LIFETIMES`, and :func:`fate` is the one place that
 reads them.  The registry asks it whenever a lease ends (``release``, a
 disconnect, the end of the reclaim window) or a restart leaves a segment
 no lease, and carries out the answer: keep the segment, unlink it at once
@@ -28,7 +28,7 @@ from typing import Literal
 
 from .model import SegmentRecord
 
-__all__ = ["LIFETIMES", "Fate", "Rule", "fate", "memfd_needs_fd_store"]
+__all__ = ["LIFETIMES", "Fate", "Lifetime", "fate", "memfd_needs_fd_store"]
 
 
 class Fate(Enum):
@@ -40,7 +40,7 @@ class Fate(Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Rule:
+class Lifetime:
     """One lifetime: which lease's end is the segment's, and what follows."""
 
     #: ``"creator"``: the end of the creating lease; ``"last"``: of the last
@@ -53,11 +53,11 @@ class Rule:
     memfd_needs_fd_store: bool = False
 
 
-LIFETIMES: dict[str, Rule] = {
-    "persistent": Rule(ends=None, memfd_needs_fd_store=True),
-    "owner": Rule(ends="creator"),
-    "refcount": Rule(ends="last"),
-    "ttl": Rule(ends="last", countdown=True),
+LIFETIMES: dict[str, Lifetime] = {
+    "persistent": Lifetime(ends=None, memfd_needs_fd_store=True),
+    "owner": Lifetime(ends="creator"),
+    "refcount": Lifetime(ends="last"),
+    "ttl": Lifetime(ends="last", countdown=True),
 }
 
 

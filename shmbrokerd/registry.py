@@ -1,9 +1,12 @@
-"""The registry of segments, leases, peers and waiters: every lifetime rule.
+"""The registry of segments, leases, peers and waiters: every transition.
 
 Strategy (as h11 keeps its state machine in one module): this file holds
-every transition of ``PROTOCOL.md``'s "Segments, leases and lifetimes" and
-"Who may do what", so a reader can check them against the contract in one
-sitting.  It does no I/O and reads no clock: callers pass ``now`` and drive
+every transition of ``PROTOCOL.md``'s "Segments, leases and lifetimes",
+so a reader can check them against the contract in one sitting; what they
+consult lives next door, each in one place: the lifetimes as a table
+(``lifetimes.py``), the mode, policy, limit and quota checks
+(``access.py``), the journal records (``records.py``).  It does no I/O and
+reads no clock: callers pass ``now`` and drive
 ttl and wait timers from outside, and every side effect the daemon must
 perform (unlink a backing object, publish an event, arm a timer, answer a
 waiting ``open``) is queued as an effect object for the edge to execute,
@@ -16,7 +19,7 @@ Creating a segment is two-phase because reserving memory can fail
 decides, the edge creates the backing object, :meth:`Registry.commit_create`
 records it.  Nothing happens in between (the server is single-threaded).
 
-The rules, in brief (the lifetimes' are a table, in ``lifetimes.py``):
+The rules, in brief:
 
 * a lease belongs to the connection that got it; only it may release it;
   a disconnect releases all of them; a daemon stop keeps every one on a live
@@ -44,9 +47,10 @@ from shmbroker.errors import BrokerError, error_from_errno
 from shmbroker.wire import MAX_HOLDERS, Create, Open
 
 from . import records
-from .lifetimes import Fate, fate, memfd_needs_fd_store
+from .access import RegistryLimits, allowed, check_quota, check_room, may, require
+from .lifetimes import Fate, fate
 from .model import Access, Lease, Peer, SegmentRecord
-from .policy import Op, Policy
+from .policy import Policy
 from .records import Record
 
 __all__ = [
@@ -54,10 +58,10 @@ __all__ = [
     "Effect",
     "Grant",
     "Lease",
-    "Limits",
     "Peer",
     "Publish",
     "Registry",
+    "RegistryLimits",
     "SealBacking",
     "SegmentRecord",
     "Unlink",
@@ -159,16 +163,6 @@ class _Waiter:
 
 
 @dataclass(slots=True)
-class Limits:
-    max_segment_size: int
-    max_segments: int
-    max_total_bytes: int
-    max_wait: float
-    memfd_persistent: bool = False
-    default_backing: str = "shm"
-
-
-@dataclass(slots=True)
 class CreatePlan:
     """What :meth:`Registry.check_create` decided the edge must make."""
 
@@ -185,7 +179,7 @@ LIST_SCAN = 4096
 class Registry:
     def __init__(
         self,
-        limits: Limits,
+        limits: RegistryLimits,
         *,
         new_token: Callable[[], str],
         new_segment_id: Callable[[], str],
@@ -246,34 +240,8 @@ class Registry:
             raise _refuse(errno.ENOENT, f"no such segment: {name}")
         return seg
 
-    @staticmethod
-    def may(peer: Peer, seg: SegmentRecord, want: Literal["r", "w"]) -> bool:
-        """Permission bits as for a file: owner, else group, else other."""
-        if peer.operator:
-            return True
-        bit = 4 if want == "r" else 2
-        if peer.uid == seg.owner_uid:
-            return bool((seg.mode >> 6) & bit)
-        if seg.owner_gid in peer.gids:
-            return bool((seg.mode >> 3) & bit)
-        return bool(seg.mode & bit)
-
-    def _require(self, peer: Peer, seg: SegmentRecord, want: Literal["r", "w"], op: str) -> None:
-        if not self.may(peer, seg, want):
-            raise _refuse(errno.EACCES, f"{op} {seg.name}: mode {seg.mode:03o} denies it")
-
-    def _allowed(self, peer: Peer, op: Op, name: str) -> None:
-        """The second check: the config's policy (operators pass it)."""
-        if not peer.operator and not self.policy.allows(peer.uid, peer.gids, op, name):
-            raise _refuse(errno.EACCES, f"{op} {name}: the policy denies it to uid {peer.uid}")
-
-    def _check_quota(self, peer: Peer, size: int) -> None:
-        quota = self.policy.quota(peer.uid, peer.gids)
-        used_bytes, used_segments = self.usage.get(peer.uid, (0, 0))
-        if quota.bytes and used_bytes + size > quota.bytes:
-            raise _refuse(errno.EDQUOT, f"uid {peer.uid}: quota of {quota.bytes} bytes")
-        if quota.segments and used_segments + 1 > quota.segments:
-            raise _refuse(errno.EDQUOT, f"uid {peer.uid}: quota of {quota.segments} segments")
+    #: the mode bits (``access.may``); an attribute, so a test may count the checks
+    may = staticmethod(may)
 
     # -- peers -----------------------------------------------------------------
 
@@ -304,20 +272,10 @@ class Registry:
                     f"segment exists: {req.name} is {existing.size} bytes, not {req.size}",
                 )
             return self._grant(peer, existing, "rw", fd=True, now=now, op="create")
-        self._allowed(peer, "create", req.name)
-        lim = self.limits
-        if req.size > lim.max_segment_size:
-            raise _refuse(
-                errno.EINVAL, f"size: {req.size} is over max_segment_size {lim.max_segment_size}"
-            )
-        backing = req.backing or lim.default_backing
-        if backing == "memfd" and memfd_needs_fd_store(req.lifetime) and not lim.memfd_persistent:
-            raise _refuse(errno.EOPNOTSUPP, "persistent memfd segments need the systemd fd store")
-        if len(self.segments) >= lim.max_segments:
-            raise _refuse(errno.ENOSPC, f"max_segments ({lim.max_segments}) reached")
-        if self.total_bytes + req.size > lim.max_total_bytes:
-            raise _refuse(errno.ENOSPC, f"max_total_bytes ({lim.max_total_bytes}) reached")
-        self._check_quota(peer, req.size)
+        allowed(self.policy, peer, "create", req.name)
+        backing = req.backing or self.limits.default_backing
+        check_room(self.limits, req, backing, len(self.segments), self.total_bytes)
+        check_quota(self.policy, self.usage, peer, req.size)
         return CreatePlan(self._new_segment_id(), peer, req, backing)
 
     def commit_create(self, plan: CreatePlan, now: float) -> Grant:
@@ -414,8 +372,8 @@ class Registry:
         self, peer: Peer, seg: SegmentRecord, access: Access, *, fd: bool, now: float, op: str
     ) -> Grant:
         if not peer.operator:  # operators pass both checks (the common open skips them)
-            self._require(peer, seg, "w" if access == "rw" else "r", op)
-            self._allowed(peer, "open_rw" if access == "rw" else "open_ro", seg.name)
+            require(peer, seg, "w" if access == "rw" else "r", op)
+            allowed(self.policy, peer, "open_rw" if access == "rw" else "open_ro", seg.name)
         if access == "rw" and seg.sealed:
             raise _refuse(errno.EPERM, f"{seg.name} is sealed: read-only opens only")
         token = self._add_lease(peer, seg, access)
@@ -523,8 +481,8 @@ class Registry:
 
     def seal(self, peer: Peer, name: str) -> SegmentRecord:
         seg = self._live(name)
-        self._require(peer, seg, "w", "seal")
-        self._allowed(peer, "seal", name)
+        require(peer, seg, "w", "seal")
+        allowed(self.policy, peer, "seal", name)
         if not seg.sealed:
             seg.sealed = True
             seg.head = None
@@ -542,13 +500,13 @@ class Registry:
 
     def delete(self, peer: Peer, name: str) -> None:
         seg = self._live(name)
-        self._require(peer, seg, "w", "delete")
-        self._allowed(peer, "delete", name)
+        require(peer, seg, "w", "delete")
+        allowed(self.policy, peer, "delete", name)
         self._remove(seg, "deleted", peer)
 
     def stat(self, peer: Peer, name: str) -> SegmentRecord:
         seg = self._live(name)
-        self._require(peer, seg, "r", "stat")
+        require(peer, seg, "r", "stat")
         return seg
 
     def list_page(

@@ -45,10 +45,10 @@ from shmbrokerd.registry import (
     ArmTimer,
     CreatePlan,
     Grant,
-    Limits,
     Peer,
     Publish,
     Registry,
+    RegistryLimits,
     SealBacking,
     SegmentRecord,
     Unlink,
@@ -195,7 +195,7 @@ class RegistryMachine(RuleBasedStateMachine):
             return f"seg-{self._seg_ids}"
 
         return Registry(
-            Limits(
+            RegistryLimits(
                 max_segment_size=MAX_SEGMENT_SIZE,
                 max_segments=MAX_SEGMENTS,
                 max_total_bytes=MAX_TOTAL_BYTES,
