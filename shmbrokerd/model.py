@@ -39,6 +39,8 @@ class Peer:
 
 @dataclass(slots=True, eq=False)
 class SegmentRecord:
+    """One segment the registry knows: live (named) or deleted with leases left."""
+
     id: str
     name: str
     size: int
@@ -81,6 +83,8 @@ class SegmentRecord:
 
 @dataclass(slots=True)
 class Lease:
+    """One lease: held by a connection (``peer``) or awaiting reclaim."""
+
     token: str
     segment: SegmentRecord
     uid: int
