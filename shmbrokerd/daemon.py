@@ -1,27 +1,29 @@
-"""The daemon's lifecycle: configure, bind, say ready, serve, shut down.
+"""The daemon's runner: set up, serve, clean up.
 
-Strategy (as aiohttp's runner): each phase is one method, run in order by
-:meth:`Daemon.run`.  Signal handlers are installed in one place and removed
-on the way out.  Shutdown is sequential and bounded: stop accepting, flush
-replies already owed, drop every peer (keeping every lease on a live
-segment for reclaim after the restart, as a crash would: a stop is not the
-holders' doing), save the state, close the edges.  One daemon runs per
-``shm_prefix`` (``prefix_lock.py``), taken before anything under it is
-touched.
+Strategy (as aiohttp's ``BaseRunner``): :meth:`Daemon.run` is
+:meth:`~Daemon.setup` (take the prefix, make the edges, recover the last
+run, listen, say ready), :meth:`~Daemon.serve` (until SIGTERM or SIGINT)
+and :meth:`~Daemon.cleanup`, symmetric with setup.  The socket is
+``listener.py``'s, the recovery ``recovery.py``'s; what stays here is the
+order of the phases and the services the server calls back (config,
+reload, ``hello`` and ``stats`` contents, who is an operator).  Signal
+handlers are installed in one place and removed on the way out.  Cleanup
+is sequential and bounded: stop accepting, flush replies already owed,
+drop every peer (keeping every lease on a live segment for reclaim after
+the restart, as a crash would: a stop is not the holders' doing), save the
+state, close the edges.  One daemon runs per ``shm_prefix``
+(``prefix_lock.py``), taken before anything under it is touched.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import ctypes
 import grp
 import logging
 import os
 import signal
 import socket
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +42,12 @@ from .config import (
     restart_needed,
 )
 from .events import EventPublisher, ipc_endpoint_for
+from .ids import TokenSource, segment_ids
+from .listener import UnixListener
 from .metrics import registry_stats, shm_usage
 from .prefix_lock import PrefixLock
-from .registry import Limits, Registry, SegmentRecord
+from .recovery import recover
+from .registry import Registry, RegistryLimits
 from .server import Server, ServerLimits
 from .state import StateFile
 from .systemd_glue import Supervisor
@@ -106,7 +111,6 @@ class Daemon:
         self._stop = asyncio.Event()
         self.exit_code = 0
         self.supervisor = Supervisor()
-        self.socket_from_systemd = False
         self._lag: asyncio.TimerHandle | None = None
         #: what the start-up took back from the last run (``stats``: ``recovery``)
         self.recovery: dict[str, Any] = {}
@@ -117,18 +121,36 @@ class Daemon:
     # -- phases ----------------------------------------------------------------
 
     async def run(self) -> int:
+        """Set up, serve until SIGTERM or SIGINT, clean up; the exit code."""
         loop = asyncio.get_running_loop()
+        self.setup(loop)
+        try:
+            await self.serve()
+        finally:
+            await self.cleanup(loop)
+        return self.exit_code
+
+    def setup(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Take the prefix, make the edges, recover the last run, listen, say ready."""
         handover = self.supervisor.take_fds()
         self._prepare()
-        started = time.perf_counter()
         try:
-            self._recover(handover.memfds)
-            self.recovery["seconds"] = time.perf_counter() - started
-            self.socket_from_systemd = handover.listener is not None
-            listener = handover.listener or self._bind()
+            self.recovery = recover(
+                self.state,
+                self.store,
+                self.registry,
+                handover.memfds,
+                drop_fd=self.supervisor.drop_fd,
+                reclaim_window=self.config.reclaim_window,
+            )
+            listener = self.listener.start(handover.listener)
         except BaseException:  # not started: the prefix is free for another try
             self.prefix_lock.release()
             raise
+        self._start(loop, listener)
+
+    def _start(self, loop: asyncio.AbstractEventLoop, listener: socket.socket) -> None:
+        """Accept, publish, time the reclaim window; then READY=1 (the socket accepts)."""
         self.events = EventPublisher(
             self.events_endpoint, self.config.events_hwm, defer=loop.call_soon
         )
@@ -148,27 +170,27 @@ class Daemon:
         log.info(
             "shmbrokerd %s ready on %s (events %s)",
             __version__,
-            self.socket_path + (" (from systemd)" if self.socket_from_systemd else ""),
+            self.socket_path + (" (from systemd)" if self.listener.from_systemd else ""),
             self.events_endpoint,
         )
-        try:
-            await self._stop.wait()
-        finally:
-            await self._shutdown(loop)
-        return self.exit_code
+
+    async def serve(self) -> None:
+        """Serve (the server's callbacks do the work) until asked to stop."""
+        await self._stop.wait()
 
     def _prepare(self) -> None:
         cfg = self.config
         Path(self.socket_path).parent.mkdir(parents=True, exist_ok=True)
         self.store = Store(cfg.shm_prefix)
-        # before anything under the prefix is looked at (_recover unlinks orphans)
+        # before anything under the prefix is looked at (recovery unlinks orphans)
         self.prefix_lock = PrefixLock(self.store.shm_dir, cfg.shm_prefix)
         self.prefix_lock.acquire()
         self.state = StateFile(self.state_dir, cfg.state_compact_after)
+        self.listener = UnixListener(self.socket_path, cfg.socket_mode, self.socket_gid)
         self.registry = Registry(
             self._limits(cfg),
             new_token=TokenSource().next,
-            new_segment_id=_segment_id_factory(),
+            new_segment_id=segment_ids(),
             journal=self.state.record,
             policy=build_policy(cfg),
             wants_event=lambda name: False,  # no subscriber before the events socket
@@ -189,9 +211,9 @@ class Daemon:
             stats_extra=self.stats_extra,
         )
 
-    def _limits(self, cfg: Config) -> Limits:
+    def _limits(self, cfg: Config) -> RegistryLimits:
         total = cfg.max_total_bytes or _tmpfs_size(self.store.shm_dir)
-        return Limits(
+        return RegistryLimits(
             max_segment_size=cfg.max_segment_size,
             max_segments=cfg.max_segments,
             max_total_bytes=total,
@@ -208,76 +230,6 @@ class Daemon:
             max_waiting_opens=cfg.max_waiting_opens,
             max_queued_replies=cfg.max_queued_replies,
         )
-
-    def _recover(self, memfds: dict[str, int]) -> None:
-        """Take back the segments of the last run and reconcile them with /dev/shm.
-
-        An entry whose object is gone is dropped; an object under our prefix
-        that no entry names is a leftover of a crash and is unlinked.  Both
-        are logged.  Then a fresh snapshot replaces the old state.
-        """
-        previous_run = self.state.snapshot.exists() or self.state.journal.exists()
-        loaded = self.state.load()
-        leases = loaded.leases_by_segment()
-        objects = set(self.store.objects())
-        kept = 0
-        snapshot = not self.state.snapshot.exists()
-        for seg_id, rec in loaded.segments.items():
-            seg = _segment_from(rec)
-            if seg is None:
-                log.warning("state: dropping unreadable entry %s", seg_id)
-                continue
-            if seg.backing == "memfd":
-                fd = memfds.pop(seg_id, None)
-                if fd is None:
-                    log.warning(
-                        "state: memfd %s (%s) not in the fd store; dropped", seg.name, seg_id
-                    )
-                    continue
-                self.store.adopt_memfd(seg_id, fd)
-            elif seg_id in objects:
-                objects.discard(seg_id)
-            else:
-                log.warning("state: object of %s (%s) is gone; dropped", seg.name, seg_id)
-                continue
-            self.registry.restore(seg, _leases_of(leases.get(seg_id, [])))
-            kept += 1
-        for seg_id in objects:
-            log.warning("removing orphaned object %s (no state entry)", self.store.path(seg_id))
-            self.store.unlink(seg_id, "shm")
-        for seg_id, fd in memfds.items():
-            log.warning("closing stored memfd %s (no state entry)", seg_id)
-            os.close(fd)
-            self.supervisor.drop_fd(seg_id)
-        if loaded.segments:
-            log.info(
-                "recovered %d of %d segments; %d leases may be reclaimed for %.0f s",
-                kept,
-                len(loaded.segments),
-                self.registry.unreclaimed(),
-                self.config.reclaim_window,
-            )
-        self.state.open()
-        self.recovery = {
-            "restarts": self._count_restart() if previous_run else self.state.restarts(),
-            "segments": kept,
-            "dropped": len(loaded.segments) - kept,
-            "leases": self.registry.unreclaimed(),
-        }
-        # what the state file keeps for later snapshots starts from what was
-        # restored, compacted now or not (restore journals nothing)
-        self.state.keep(self.registry.records())
-        if snapshot or self.state.dirty or kept != len(loaded.segments):
-            self.state.compact()
-        del loaded, leases
-        _give_back_memory()
-
-    def _count_restart(self) -> int:
-        try:
-            return self.state.count_restart()
-        except OSError as exc:  # a counter is not worth failing the start for
-            log.warning("restart count not saved: %s", exc)
-            return self.state.restarts()
 
     def _after_replies(self) -> None:
         """What trails the replies (see ``JOURNAL_LAG``) is caught up with later."""
@@ -323,41 +275,6 @@ class Daemon:
 
         loop.call_later(STATUS_INTERVAL, tick)
 
-    def _bind(self) -> socket.socket:
-        path = self.socket_path
-        if len(path.encode()) >= 108:
-            raise ConfigError(f"socket path is over 107 bytes: {path}")
-        self._clear_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old_umask)
-        if self.socket_gid is not None:
-            os.chown(path, -1, self.socket_gid)
-        os.chmod(path, self.config.socket_mode)
-        sock.listen(512)
-        return sock
-
-    @staticmethod
-    def _clear_stale_socket(path: str) -> None:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ConfigError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # nobody listens: a leftover of a crash
-        else:
-            raise ConfigError(f"another daemon is serving {path}")
-        finally:
-            probe.close()
-
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
@@ -367,16 +284,14 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
-    async def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def cleanup(self, loop: asyncio.AbstractEventLoop) -> None:
         """Stop accepting, flush owed replies, keep the held leases, save state."""
         log.info("shutting down")
         self.supervisor.stopping()
         self.supervisor.stop_watchdog()
         self._remove_signals(loop)
         self.server.stop_accepting()
-        if not self.socket_from_systemd:  # the socket unit owns its socket file
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path)
+        self.listener.stop()
         await self.server.drain_and_close(time.monotonic() + SHUTDOWN_GRACE)
         if self._lag is not None:
             self._lag.cancel()
@@ -487,78 +402,6 @@ class Daemon:
             self.reload()
 
 
-class TokenSource:
-    """Lease tokens: 192 random bits each, as ``secrets.token_urlsafe(24)`` gives.
-
-    The bits come from ``os.urandom`` a few KiB at a time instead of one
-    ``getrandom`` call per token: the same source, a system call less per
-    ``open``.  They are encoded a pool at a time too: 24 bytes are 32
-    base64 characters with no padding, so the encoding of the pool is the
-    tokens of its 24-byte pieces, end to end.
-    """
-
-    _CHUNK = 24 * 170
-
-    def __init__(self) -> None:
-        self._pool = ""
-        self._at = 0
-
-    def next(self) -> str:
-        at = self._at
-        if at == len(self._pool):
-            self._pool = base64.urlsafe_b64encode(os.urandom(self._CHUNK)).decode("ascii")
-            at = 0
-        self._at = at + 32
-        return self._pool[at : at + 32]
-
-
-def _segment_from(rec: dict[str, Any]) -> SegmentRecord | None:
-    try:
-        return SegmentRecord(
-            id=str(rec["id"]),
-            name=str(rec["name"]),
-            size=int(rec["size"]),
-            lifetime=str(rec["lifetime"]),
-            ttl=None if rec.get("ttl") is None else float(rec["ttl"]),
-            backing=str(rec["backing"]),
-            mode=int(rec["mode"]),
-            created=float(rec["created"]),
-            owner_uid=int(rec["owner_uid"]),
-            owner_gid=int(rec["owner_gid"]),
-            sealed=bool(rec.get("sealed", False)),
-            ttl_deadline=None if rec.get("at") is None else float(rec["at"]),
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _leases_of(records: list[dict[str, Any]]) -> list[tuple[str, int, Any, bool]]:
-    return [
-        (str(rec["t"]), int(rec["u"]), rec["a"], bool(rec.get("c")))
-        for rec in records
-        if rec.get("a") in ("ro", "rw")
-    ]
-
-
-def _give_back_memory() -> None:
-    """Return the replayed state's freed heap to the system (glibc keeps it)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _tmpfs_size(path: str) -> int:
     st = os.statvfs(path)
     return st.f_blocks * st.f_frsize
-
-
-def _segment_id_factory() -> Any:
-    """Ids unique across restarts: start time in ns, then a counter, in hex."""
-    epoch = time.time_ns()
-    counter = 0
-
-    def new_id() -> str:
-        nonlocal counter
-        counter += 1
-        return f"{epoch:x}-{counter:x}"
-
-    return new_id

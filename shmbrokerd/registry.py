@@ -1,9 +1,12 @@
-"""The registry of segments, leases, peers and waiters: every lifetime rule.
+"""The registry of segments, leases, peers and waiters: every transition.
 
 Strategy (as h11 keeps its state machine in one module): this file holds
-every transition of ``PROTOCOL.md``'s "Segments, leases and lifetimes" and
-"Who may do what", so a reader can check them against the contract in one
-sitting.  It does no I/O and reads no clock: callers pass ``now`` and drive
+every transition of ``PROTOCOL.md``'s "Segments, leases and lifetimes",
+so a reader can check them against the contract in one sitting; what they
+consult lives next door, each in one place: the lifetimes as a table
+(``lifetimes.py``), the mode, policy, limit and quota checks
+(``access.py``), the journal records (``records.py``).  It does no I/O and
+reads no clock: callers pass ``now`` and drive
 ttl and wait timers from outside, and every side effect the daemon must
 perform (unlink a backing object, publish an event, arm a timer, answer a
 waiting ``open``) is queued as an effect object for the edge to execute,
@@ -37,23 +40,28 @@ from __future__ import annotations
 import bisect
 import errno
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 from shmbroker.errors import BrokerError, error_from_errno
 from shmbroker.wire import MAX_HOLDERS, Create, Open
 
-from .policy import Op, Policy
+from . import records
+from .access import RegistryLimits, allowed, check_quota, check_room, may, require
+from .lifetimes import Fate, fate
+from .model import Access, Lease, Peer, SegmentRecord
+from .policy import Policy
+from .records import Record
 
 __all__ = [
     "ArmTimer",
     "Effect",
     "Grant",
     "Lease",
-    "Limits",
     "Peer",
     "Publish",
     "Registry",
+    "RegistryLimits",
     "SealBacking",
     "SegmentRecord",
     "Unlink",
@@ -61,7 +69,6 @@ __all__ = [
     "Waiting",
 ]
 
-Access = Literal["ro", "rw"]
 EventName = Literal["created", "opened", "released", "sealed", "deleted", "expired", "dropped"]
 
 
@@ -69,91 +76,13 @@ def _refuse(num: int, message: str) -> BrokerError:
     return error_from_errno(num, message)
 
 
+def _not_held() -> BrokerError:
+    return _refuse(errno.ENOENT, "no such lease on this connection")
+
+
 def _holder_order(item: tuple[tuple[int | None, int, str], int]) -> tuple[int, int, int, str]:
     (client, uid, access), _n = item
     return (client is None, client or 0, uid, access)
-
-
-@dataclass(slots=True)
-class Peer:
-    """One connection, identified by ``SO_PEERCRED`` at accept."""
-
-    id: int
-    pid: int
-    uid: int
-    gid: int
-    groups: frozenset[int]
-    operator: bool
-    connected: float
-    leases: set[str] = field(default_factory=set)
-    waiters: set[int] = field(default_factory=set)
-    #: the name it gave ``hello`` (cut to ``MAX_CLIENT_NAME``), for operators
-    name: str | None = None
-    #: primary and supplementary groups: what group bits and policy match
-    gids: frozenset[int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.gids = self.groups | {self.gid}
-
-
-@dataclass(slots=True, eq=False)
-class SegmentRecord:
-    id: str
-    name: str
-    size: int
-    lifetime: str
-    ttl: float | None
-    backing: str
-    mode: int
-    created: float
-    owner_uid: int
-    owner_gid: int
-    sealed: bool = False
-    live: bool = True
-    creator_lease: str | None = None
-    leases: set[str] = field(default_factory=set)
-    ttl_generation: int = 0
-    ttl_armed: bool = False
-    #: wall-clock end of the running ttl countdown (persisted for restarts)
-    ttl_deadline: float | None = None
-    #: the edge's cache of its encoded description (``protocol.encode_grant``);
-    #: of the fields ``describe`` reports but ``leases``, only ``sealed`` changes
-    head: bytes | None = field(default=None, repr=False)
-
-    def describe(self) -> dict[str, object]:
-        """The contract's Segment object."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "size": self.size,
-            "lifetime": self.lifetime,
-            "ttl": self.ttl,
-            "sealed": self.sealed,
-            "backing": self.backing,
-            "mode": self.mode,
-            "created": self.created,
-            "owner_uid": self.owner_uid,
-            "owner_gid": self.owner_gid,
-            "leases": len(self.leases),
-        }
-
-    def record(self) -> dict[str, Any]:
-        """The state-file form (see ``state.py``)."""
-        rec: dict[str, Any] = self.describe()
-        del rec["leases"]
-        rec["k"] = "seg"
-        rec["at"] = self.ttl_deadline
-        return rec
-
-
-@dataclass(slots=True)
-class Lease:
-    token: str
-    segment: SegmentRecord
-    uid: int
-    access: Access
-    #: None while the lease waits to be reclaimed after a restart.
-    peer: int | None
 
 
 @dataclass(slots=True)
@@ -234,16 +163,6 @@ class _Waiter:
 
 
 @dataclass(slots=True)
-class Limits:
-    max_segment_size: int
-    max_segments: int
-    max_total_bytes: int
-    max_wait: float
-    memfd_persistent: bool = False
-    default_backing: str = "shm"
-
-
-@dataclass(slots=True)
 class CreatePlan:
     """What :meth:`Registry.check_create` decided the edge must make."""
 
@@ -260,11 +179,11 @@ LIST_SCAN = 4096
 class Registry:
     def __init__(
         self,
-        limits: Limits,
+        limits: RegistryLimits,
         *,
         new_token: Callable[[], str],
         new_segment_id: Callable[[], str],
-        journal: Callable[[dict[str, Any]], None] = lambda rec: None,
+        journal: Callable[[Record], None] = lambda rec: None,
         policy: Policy | None = None,
         wants_event: Callable[[str], bool] = lambda name: True,
     ) -> None:
@@ -321,34 +240,8 @@ class Registry:
             raise _refuse(errno.ENOENT, f"no such segment: {name}")
         return seg
 
-    @staticmethod
-    def may(peer: Peer, seg: SegmentRecord, want: Literal["r", "w"]) -> bool:
-        """Permission bits as for a file: owner, else group, else other."""
-        if peer.operator:
-            return True
-        bit = 4 if want == "r" else 2
-        if peer.uid == seg.owner_uid:
-            return bool((seg.mode >> 6) & bit)
-        if seg.owner_gid in peer.gids:
-            return bool((seg.mode >> 3) & bit)
-        return bool(seg.mode & bit)
-
-    def _require(self, peer: Peer, seg: SegmentRecord, want: Literal["r", "w"], op: str) -> None:
-        if not self.may(peer, seg, want):
-            raise _refuse(errno.EACCES, f"{op} {seg.name}: mode {seg.mode:03o} denies it")
-
-    def _allowed(self, peer: Peer, op: Op, name: str) -> None:
-        """The second check: the config's policy (operators pass it)."""
-        if not peer.operator and not self.policy.allows(peer.uid, peer.gids, op, name):
-            raise _refuse(errno.EACCES, f"{op} {name}: the policy denies it to uid {peer.uid}")
-
-    def _check_quota(self, peer: Peer, size: int) -> None:
-        quota = self.policy.quota(peer.uid, peer.gids)
-        used_bytes, used_segments = self.usage.get(peer.uid, (0, 0))
-        if quota.bytes and used_bytes + size > quota.bytes:
-            raise _refuse(errno.EDQUOT, f"uid {peer.uid}: quota of {quota.bytes} bytes")
-        if quota.segments and used_segments + 1 > quota.segments:
-            raise _refuse(errno.EDQUOT, f"uid {peer.uid}: quota of {quota.segments} segments")
+    #: the mode bits (``access.may``); an attribute, so a test may count the checks
+    may = staticmethod(may)
 
     # -- peers -----------------------------------------------------------------
 
@@ -379,20 +272,10 @@ class Registry:
                     f"segment exists: {req.name} is {existing.size} bytes, not {req.size}",
                 )
             return self._grant(peer, existing, "rw", fd=True, now=now, op="create")
-        self._allowed(peer, "create", req.name)
-        lim = self.limits
-        if req.size > lim.max_segment_size:
-            raise _refuse(
-                errno.EINVAL, f"size: {req.size} is over max_segment_size {lim.max_segment_size}"
-            )
-        backing = req.backing or lim.default_backing
-        if backing == "memfd" and req.lifetime == "persistent" and not lim.memfd_persistent:
-            raise _refuse(errno.EOPNOTSUPP, "persistent memfd segments need the systemd fd store")
-        if len(self.segments) >= lim.max_segments:
-            raise _refuse(errno.ENOSPC, f"max_segments ({lim.max_segments}) reached")
-        if self.total_bytes + req.size > lim.max_total_bytes:
-            raise _refuse(errno.ENOSPC, f"max_total_bytes ({lim.max_total_bytes}) reached")
-        self._check_quota(peer, req.size)
+        allowed(self.policy, peer, "create", req.name)
+        backing = req.backing or self.limits.default_backing
+        check_room(self.limits, req, backing, len(self.segments), self.total_bytes)
+        check_quota(self.policy, self.usage, peer, req.size)
         return CreatePlan(self._new_segment_id(), peer, req, backing)
 
     def commit_create(self, plan: CreatePlan, now: float) -> Grant:
@@ -411,7 +294,7 @@ class Registry:
             owner_gid=peer.gid,
         )
         self._insert(seg)
-        self._journal(seg.record())
+        self._journal(records.segment(seg))
         self._publish("created", seg, peer)
         token = self._add_lease(peer, seg, "rw", creator=True)
         seg.creator_lease = token
@@ -489,12 +372,13 @@ class Registry:
         self, peer: Peer, seg: SegmentRecord, access: Access, *, fd: bool, now: float, op: str
     ) -> Grant:
         if not peer.operator:  # operators pass both checks (the common open skips them)
-            self._require(peer, seg, "w" if access == "rw" else "r", op)
-            self._allowed(peer, "open_rw" if access == "rw" else "open_ro", seg.name)
+            require(peer, seg, "w" if access == "rw" else "r", op)
+            allowed(self.policy, peer, "open_rw" if access == "rw" else "open_ro", seg.name)
         if access == "rw" and seg.sealed:
             raise _refuse(errno.EPERM, f"{seg.name} is sealed: read-only opens only")
         token = self._add_lease(peer, seg, access)
-        self._publish("opened", seg, peer)
+        if self.wants_event(seg.name):  # _publish, inlined: every open comes here
+            self.effects.append(Publish("opened", seg.name, seg.size, peer.uid, peer.pid))
         return Grant(seg, token, access, fd)
 
     def _add_lease(
@@ -504,18 +388,17 @@ class Registry:
         self.leases[token] = Lease(token, seg, peer.uid, access, peer.id)
         seg.leases.add(token)
         peer.leases.add(token)
-        self._journal(
-            {"k": "lease", "t": token, "s": seg.id, "u": peer.uid, "a": access, "c": creator}
-        )
+        self._journal(records.lease(token, seg.id, peer.uid, access, creator))
         if seg.ttl_armed:  # a new lease cancels the countdown
             seg.ttl_armed = False
             seg.ttl_generation += 1
             seg.ttl_deadline = None
-            self._journal({"k": "ttl", "id": seg.id, "at": None})
+            self._journal(records.ttl(seg.id, None))
         return token
 
     def release(self, peer: Peer, token: str, now: float) -> None:
-        self._held(peer, token)
+        if token not in peer.leases:  # checked inline here and below: the hot path
+            raise _not_held()
         self._end_lease(token, peer, now)
 
     def release_removes(self, peer: Peer, token: str) -> bool:
@@ -527,23 +410,13 @@ class Registry:
         first: when its reply arrives, the name is free.  Raises ``ENOENT``
         for a lease this peer does not hold, as :meth:`release` does.
         """
-        self._held(peer, token)
-        seg = self.leases[token].segment
-        return seg.live and self._ends_segment(seg, token, len(seg.leases) - 1)
-
-    @staticmethod
-    def _held(peer: Peer, token: str) -> None:
         if token not in peer.leases:
-            raise _refuse(errno.ENOENT, "no such lease on this connection")
-
-    @staticmethod
-    def _ends_segment(seg: SegmentRecord, token: str, left: int) -> bool:
-        """Does ending lease ``token``, leaving ``left`` leases, remove ``seg``?"""
-        if seg.lifetime == "owner":
-            return token == seg.creator_lease
-        if left:
+            raise _not_held()
+        seg = self.leases[token].segment
+        if not seg.live:
             return False
-        return seg.lifetime == "refcount" or (seg.lifetime == "ttl" and not seg.ttl)
+        then = fate(seg, token, len(seg.leases) - 1)
+        return then is Fate.UNLINK or (then is Fate.COUNTDOWN and not seg.ttl)
 
     def _end_lease(self, token: str, peer: Peer | None, now: float) -> None:
         lease = self.leases.pop(token)
@@ -552,18 +425,18 @@ class Registry:
         if peer is not None:
             peer.leases.discard(token)
         if seg.live:
-            self._journal({"k": "unlease", "t": token})
+            self._journal(records.unlease(token))
         self._publish("released", seg, peer)
         if not seg.live:
             if not seg.leases:
                 self.by_id.pop(seg.id, None)
             return
-        if seg.lifetime == "ttl":
-            if not seg.leases:
-                assert seg.ttl is not None
-                self._arm_ttl(seg, now, seg.ttl)
-        elif self._ends_segment(seg, token, len(seg.leases)):
+        then = fate(seg, token, len(seg.leases))
+        if then is Fate.UNLINK:
             self._remove(seg, "deleted", peer)
+        elif then is Fate.COUNTDOWN:
+            assert seg.ttl is not None
+            self._arm_ttl(seg, now, seg.ttl)
 
     def _arm_ttl(self, seg: SegmentRecord, now: float, delay: float) -> None:
         if delay <= 0:
@@ -572,7 +445,7 @@ class Registry:
         seg.ttl_armed = True
         seg.ttl_generation += 1
         seg.ttl_deadline = now + delay
-        self._journal({"k": "ttl", "id": seg.id, "at": seg.ttl_deadline})
+        self._journal(records.ttl(seg.id, seg.ttl_deadline))
         self.effects.append(ArmTimer(seg.id, seg.ttl_generation, delay))
 
     def expire(self, segment_id: str, generation: int, now: float) -> None:
@@ -588,7 +461,7 @@ class Registry:
         seg.ttl_armed = False
         seg.ttl_deadline = None
         del self.segments[seg.name]
-        self._journal({"k": "unseg", "id": seg.id})
+        self._journal(records.unsegment(seg.id))
         i = bisect.bisect_left(self._names, seg.name)
         del self._names[i]
         self.total_bytes -= seg.size
@@ -608,12 +481,12 @@ class Registry:
 
     def seal(self, peer: Peer, name: str) -> SegmentRecord:
         seg = self._live(name)
-        self._require(peer, seg, "w", "seal")
-        self._allowed(peer, "seal", name)
+        require(peer, seg, "w", "seal")
+        allowed(self.policy, peer, "seal", name)
         if not seg.sealed:
             seg.sealed = True
             seg.head = None
-            self._journal({"k": "seal", "id": seg.id})
+            self._journal(records.seal(seg.id))
             if seg.backing == "memfd":
                 self.effects.append(SealBacking(seg))
             self._publish("sealed", seg, peer)
@@ -627,13 +500,13 @@ class Registry:
 
     def delete(self, peer: Peer, name: str) -> None:
         seg = self._live(name)
-        self._require(peer, seg, "w", "delete")
-        self._allowed(peer, "delete", name)
+        require(peer, seg, "w", "delete")
+        allowed(self.policy, peer, "delete", name)
         self._remove(seg, "deleted", peer)
 
     def stat(self, peer: Peer, name: str) -> SegmentRecord:
         seg = self._live(name)
-        self._require(peer, seg, "r", "stat")
+        require(peer, seg, "r", "stat")
         return seg
 
     def list_page(
@@ -727,21 +600,16 @@ class Registry:
                     self._end_lease(token, peer, now)
         self.peers.clear()
 
-    def records(self) -> Iterator[dict[str, Any]]:
+    def records(self) -> Iterator[Record]:
         """The whole state in state-file records (for a snapshot)."""
         for seg in self.segments.values():
-            yield seg.record()
+            yield records.segment(seg)
         for lease in self.leases.values():
             seg = lease.segment
             if seg.live:
-                yield {
-                    "k": "lease",
-                    "t": lease.token,
-                    "s": seg.id,
-                    "u": lease.uid,
-                    "a": lease.access,
-                    "c": lease.token == seg.creator_lease,
-                }
+                yield records.lease(
+                    lease.token, seg.id, lease.uid, lease.access, lease.token == seg.creator_lease
+                )
 
     def restore(self, seg: SegmentRecord, leases: list[tuple[str, int, Access, bool]]) -> None:
         """Put back a segment, and its leases awaiting reclaim, after a restart.
@@ -760,12 +628,13 @@ class Registry:
         self._names.sort()
         self.reclaim_until = now + window
         for seg in list(self.segments.values()):
-            if seg.lifetime == "ttl" and not seg.leases:
+            then = fate(seg, None, len(seg.leases))
+            if then is Fate.UNLINK:
+                self._remove(seg, "deleted", None)
+            elif then is Fate.COUNTDOWN:  # resumed where the last run left it
                 assert seg.ttl is not None
                 remaining = seg.ttl if seg.ttl_deadline is None else seg.ttl_deadline - now
                 self._arm_ttl(seg, now, remaining)
-            elif seg.lifetime in ("refcount", "owner") and not seg.leases:
-                self._remove(seg, "deleted", None)
 
     def reclaim(self, peer: Peer, token: str, now: float) -> Grant:
         lease = self.leases.get(token)

@@ -21,9 +21,8 @@ building and encoding their records from the registry stalled the daemon
 for about 0.3 s.  A torn last line (a crash
 mid-write) is ignored on load.
 
-Records: ``seg`` (a segment, all its fields), ``unseg`` (it left the
-namespace), ``seal``, ``ttl`` (countdown deadline, wall clock, or null),
-``lease`` (token, segment id, uid, access, creator flag), ``unlease``.
+The records themselves, their fields and the rules of their replay are
+``records.py``'s; this module stores them.
 """
 
 from __future__ import annotations
@@ -33,64 +32,18 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from pydantic_core import from_json, to_json
+
+from .records import UNLEASE, Record, Replay
 
 __all__ = ["Loaded", "StateCounters", "StateFile"]
 
 log = logging.getLogger("shmbrokerd.state")
-
-Record = dict[str, Any]
-V = TypeVar("V")
-
-
-class _Replay(Generic[V]):
-    """The journal's rules: which segments and leases a sequence of records leaves live.
-
-    One set of rules for both forms of the state: records as dicts (what a
-    restarting daemon reads, :class:`Loaded`) and as their encoded bytes
-    (what a snapshot would hold now, :class:`Live`).  ``patch`` changes one
-    field of a segment's record (``seal``, ``ttl``).
-    """
-
-    def __init__(self, patch: Callable[[V, str, Any], V]) -> None:
-        self.segments: dict[str, V] = {}
-        self.leases: dict[str, V] = {}
-        #: segment id -> tokens of its leases (so an unlink drops them in O(leases))
-        self.by_segment: dict[str, set[str]] = {}
-        self._segment_of: dict[str, str] = {}
-        self._patch = patch
-
-    def add(self, rec: Record, value: V) -> None:
-        kind = rec.get("k")
-        if kind == "lease":
-            token, sid = rec["t"], rec["s"]
-            if sid in self.segments and token not in self.leases:
-                self.leases[token] = value
-                self._segment_of[token] = sid
-                self.by_segment.setdefault(sid, set()).add(token)
-        elif kind == "unlease":
-            sid = self._segment_of.pop(rec["t"], None)
-            if sid is not None:
-                del self.leases[rec["t"]]
-                tokens = self.by_segment[sid]
-                tokens.discard(rec["t"])
-                if not tokens:
-                    del self.by_segment[sid]
-        elif kind == "seg":
-            self.segments[rec["id"]] = value
-        elif kind == "unseg":
-            self.segments.pop(rec["id"], None)
-            for token in self.by_segment.pop(rec["id"], ()):
-                del self.leases[token]
-                del self._segment_of[token]
-        elif kind in ("seal", "ttl") and rec["id"] in self.segments:
-            field, new = ("sealed", True) if kind == "seal" else ("at", rec["at"])
-            self.segments[rec["id"]] = self._patch(self.segments[rec["id"]], field, new)
 
 
 def _patch_dict(rec: Record, field: str, value: Any) -> Record:
@@ -104,7 +57,7 @@ def _patch_bytes(data: bytes, field: str, value: Any) -> bytes:
     return to_json(rec)
 
 
-class Loaded(_Replay[Record]):
+class Loaded(Replay[Record]):
     """The state replayed from disk: live segments and held leases, by id/token."""
 
     def __init__(self) -> None:
@@ -115,7 +68,7 @@ class Loaded(_Replay[Record]):
         return {sid: [self.leases[t] for t in tokens] for sid, tokens in self.by_segment.items()}
 
 
-class Live(_Replay[bytes]):
+class Live(Replay[bytes]):
     """What a snapshot would hold now, kept encoded: the journal replayed in bytes.
 
     A segment's ``seal`` and ``ttl`` (rare) re-encode its record.
@@ -178,7 +131,7 @@ class StateFile:
         data = to_json(rec)
         self._buffer.append(data)
         self._unsettled.append((rec, data))
-        if rec["k"] != "unlease":
+        if rec["k"] != UNLEASE:
             self.urgent = True
 
     def settle(self) -> None:

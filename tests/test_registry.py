@@ -18,16 +18,16 @@ import pytest
 
 from shmbroker import wire
 from shmbroker.errors import BrokerError
-from shmbrokerd.daemon import TokenSource
+from shmbrokerd.ids import TokenSource
 from shmbrokerd.registry import (
     ArmTimer,
     CreatePlan,
     Effect,
     Grant,
-    Limits,
     Peer,
     Publish,
     Registry,
+    RegistryLimits,
     SealBacking,
     SegmentRecord,
     Unlink,
@@ -51,7 +51,7 @@ def make_registry(**limits: Any) -> Registry:
     tokens = itertools.count(1)
     ids = itertools.count(1)
     return Registry(
-        Limits(**lim),
+        RegistryLimits(**lim),
         new_token=lambda: f"tok-{next(tokens)}",
         new_segment_id=lambda: f"seg-{next(ids)}",
     )
@@ -1170,7 +1170,7 @@ def test_events_nobody_wants_are_not_built() -> None:
         return name.startswith("watched/")
 
     reg = Registry(
-        Limits(1 << 20, 64, 1 << 24, 60.0),
+        RegistryLimits(1 << 20, 64, 1 << 24, 60.0),
         new_token=itertools.count().__next__.__str__,
         new_segment_id=lambda: f"seg-{len(asked)}",
         wants_event=wants,

@@ -4,8 +4,8 @@ Hypothesis drives a pure :class:`Registry` with peers connecting and leaving,
 ``create``/``open``/``release``/``seal``/``delete``/``reclaim``, ttl timers
 firing (the current one or a stale one), waiting opens timing out, quota
 policies changing, and daemon restarts, clean (``shutdown``, snapshot) or
-crashed (the journal replayed with ``state._apply``), rebuilt as the daemon's
-``_recover`` does (its small glue written again here: ``restore`` each
+crashed (the journal replayed with ``state._apply``), rebuilt as
+``recovery.recover`` does (its small glue written again here: ``restore`` each
 segment whose object is still there, with its leases; compact when it would;
 ``open_reclaim_window``; the clients reconnect and reclaim).  Effects are
 carried out as the server would: ``Unlink`` removes the object from a fake
@@ -45,10 +45,10 @@ from shmbrokerd.registry import (
     ArmTimer,
     CreatePlan,
     Grant,
-    Limits,
     Peer,
     Publish,
     Registry,
+    RegistryLimits,
     SealBacking,
     SegmentRecord,
     Unlink,
@@ -195,7 +195,7 @@ class RegistryMachine(RuleBasedStateMachine):
             return f"seg-{self._seg_ids}"
 
         return Registry(
-            Limits(
+            RegistryLimits(
                 max_segment_size=MAX_SEGMENT_SIZE,
                 max_segments=MAX_SEGMENTS,
                 max_total_bytes=MAX_TOTAL_BYTES,
@@ -753,7 +753,7 @@ class RegistryMachine(RuleBasedStateMachine):
         clients = [(p.uid, p.gid, p.groups, p.operator) for p in self.peers.values()]
         self.peers.clear()
 
-        # the new process: the daemon's _recover, with the fake store for /dev/shm
+        # the new process: recovery.recover, with the fake store for /dev/shm
         loaded = replay(lines)
         self.reg = new = self._new_registry(old.policy)
         restored: set[str] = set()
