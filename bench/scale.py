@@ -232,7 +232,7 @@ def _summary(samples: Sequence[int]) -> dict[str, float]:
 def _measure(workers: dict[str, Worker], settings: Settings) -> dict[str, list[int]]:
     for w in workers.values():  # caches after a change of scale: not measured
         w.latency(REWARM)
-    return interleaved_latency(workers, settings)
+    return interleaved_latency(workers, settings).lat
 
 
 def _hold_clients(env: Env, path: str, count: int) -> list[Worker]:
