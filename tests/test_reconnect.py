@@ -7,6 +7,7 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -17,10 +18,10 @@ from .helpers import DaemonProc
 
 
 @pytest.fixture
-def restartable() -> DaemonProc:
+def restartable() -> Iterator[DaemonProc]:
     d = DaemonProc({"reclaim_window": 20.0})
     d.start()
-    yield d  # type: ignore[misc]
+    yield d
     d.cleanup()
 
 

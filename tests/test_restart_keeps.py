@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -46,10 +47,10 @@ def _read(d: DaemonProc, name: str) -> str:
 
 
 @pytest.fixture
-def holder_daemon() -> DaemonProc:
+def holder_daemon() -> Iterator[DaemonProc]:
     d = DaemonProc({"reclaim_window": 1.5})
     d.start()
-    yield d  # type: ignore[misc]
+    yield d
     d.cleanup()
 
 
