@@ -14,15 +14,13 @@ import pytest
 from shmbroker import AsyncBroker, Broker
 from shmbrokerd.daemon import JOURNAL_LAG
 
-from .helpers import DaemonProc
+from .helpers import DaemonProc, running_daemon
 
 
 @pytest.fixture
 def restartable() -> Iterator[DaemonProc]:
-    d = DaemonProc({"reclaim_window": 20.0})
-    d.start()
-    yield d
-    d.cleanup()
+    with running_daemon({"reclaim_window": 20.0}) as d:
+        yield d
 
 
 def test_sync_client_reclaims_after_sigkill(restartable: DaemonProc) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from shmbroker import Broker, SegmentNotFoundError
 
-from .helpers import DaemonProc, eventually, run_client, spawn_client, wait_line
+from .helpers import DaemonProc, eventually, run_client, running_daemon, spawn_client, wait_line
 
 HOLDER = """
 import logging
@@ -48,10 +48,8 @@ def _read(d: DaemonProc, name: str) -> str:
 
 @pytest.fixture
 def holder_daemon() -> Iterator[DaemonProc]:
-    d = DaemonProc({"reclaim_window": 1.5})
-    d.start()
-    yield d
-    d.cleanup()
+    with running_daemon({"reclaim_window": 1.5}) as d:
+        yield d
 
 
 def test_sigterm_keeps_held_segments_and_the_holder_reclaims_them(
