@@ -6,8 +6,9 @@ about time: the output is a table, read by people.  ``docs/performance.md``
 says what each figure and each floor mean.
 
 Layout: ``floor.py`` is the floor server; ``_daemon.py`` starts a real daemon
-in a private directory; ``_worker.py`` is the client process every figure is
-measured from; one module per figure (``open_rt``, ``create_rt``,
+in a private directory (through the tests' launcher,
+``tests/support/launcher.py``); ``_worker.py`` is the client process every
+figure is measured from; one module per figure (``open_rt``, ``create_rt``,
 ``throughput``, ``mmap_floor``); ``__main__.py`` runs them and prints the table.
 """
 

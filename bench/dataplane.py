@@ -320,7 +320,7 @@ class Transport:
     def measure(self, run: Run, timeout: float) -> float:
         if self.producer is None:  # a ceiling: one process times itself
             ((t0, t1),) = _collect([_start(self.consumer, run, None)], timeout)
-            return run.total / (t1 - t0)
+            return float(run.total / (t1 - t0))
         closers: list[Callable[[], None]] = []
         parg: Any = None
         carg: Any = None
@@ -337,7 +337,7 @@ class Transport:
             for close in closers:  # the children have their own copies
                 close()
         t1, t0 = _collect([consumer, producer], timeout)
-        return run.total / (t1 - t0)
+        return float(run.total / (t1 - t0))
 
 
 TRANSPORTS = [

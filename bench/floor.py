@@ -30,8 +30,9 @@ import subprocess
 import sys
 from types import FrameType
 
+from tests.support.launcher import stop
+
 from . import REPO
-from ._proc import stop
 
 __all__ = ["FloorServer", "serve"]
 

@@ -49,9 +49,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.support.launcher import stop, wait_connectable
+
 from . import REPO
 from ._env import Env, interleaved_latency, log
-from ._proc import stop, wait_connectable
 from ._stats import Row, latency_rows
 from ._worker import SEGMENT_SIZE, Worker, _make_op, serve, start_all
 

@@ -43,19 +43,17 @@ import json
 import os
 import platform
 import resource
-import secrets
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from tests.support.launcher import Daemon
+
 from . import REPO
-from ._daemon import BrokerDaemon
 from ._env import Env, Settings, interleaved_latency, log
 from ._stats import Row, latency_rows, percentile
 from ._worker import RawClient, Worker, start_all
@@ -81,45 +79,31 @@ def _name(i: int) -> str:
     return f"scale/{i:06d}"
 
 
-class ScaleDaemon(BrokerDaemon):
+class ScaleDaemon(Daemon):
     """The bench daemon with raised limits, restartable on its own state."""
 
     def __init__(self, max_segments: int, max_clients: int) -> None:
-        # Same layout as BrokerDaemon, another config: not super().__init__().
-        self.root = Path(tempfile.mkdtemp(prefix="sbs-", dir="/tmp"))
-        self.socket = str(self.root / "s.sock")
-        self.prefix = f"sbs{secrets.token_hex(4)}."
-        self.log_path = self.root / "daemon.log"
-        self.config = self.root / "shmbrokerd.toml"
-        self.config.write_text(
-            f'socket = "{self.socket}"\n'
-            f'state_dir = "{self.root / "state"}"\n'
-            f'shm_prefix = "{self.prefix}"\n'
-            'log_level = "warning"\n'
-            f"max_segments = {max_segments}\n"
-            f"max_clients = {max_clients}\n"
-            f"max_clients_per_uid = {max_clients}\n"
+        super().__init__(
+            {
+                "log_level": "warning",
+                "max_segments": max_segments,
+                "max_clients": max_clients,
+                "max_clients_per_uid": max_clients,
+            },
+            tag="sbs",
         )
         t0 = time.monotonic()
-        self.proc = self._spawn()
+        self.start(wait=False, cwd=REPO)
         try:
             self.start_seconds = self._hello_after(t0)
         except BaseException:
             self.cleanup()
             raise
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        with open(self.log_path, "ab") as out:
-            return subprocess.Popen(
-                [sys.executable, "-m", "shmbrokerd", "--config", str(self.config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-            )
-
     def _hello_after(self, t0: float, timeout: float = 120.0) -> float:
         """Seconds from ``t0`` until the socket answers ``hello``."""
         while True:
+            assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
             try:
@@ -137,10 +121,9 @@ class ScaleDaemon(BrokerDaemon):
 
     def kill_and_restart(self) -> float:
         """SIGKILL, then start again on the same state; seconds to the first hello."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+        self.kill()
         t0 = time.monotonic()
-        self.proc = self._spawn()
+        self.start(wait=False, cwd=REPO)
         return self._hello_after(t0)
 
     def rss_kib(self) -> int:
@@ -149,9 +132,6 @@ class ScaleDaemon(BrokerDaemon):
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1])
         raise RuntimeError("no VmRSS")
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def stats(self) -> dict[str, Any]:
         """The daemon's ``stats`` (the bench runs as the daemon's uid: an operator)."""
@@ -252,7 +232,7 @@ def _summary(samples: Sequence[int]) -> dict[str, float]:
 def _measure(workers: dict[str, Worker], settings: Settings) -> dict[str, list[int]]:
     for w in workers.values():  # caches after a change of scale: not measured
         w.latency(REWARM)
-    return interleaved_latency(workers, settings)
+    return interleaved_latency(workers, settings).lat
 
 
 def _hold_clients(env: Env, path: str, count: int) -> list[Worker]:
@@ -305,7 +285,7 @@ def _run(env: Env, daemon: ScaleDaemon, counts: Sequence[int], clients: Sequence
             "created": count - made,
             "create_seconds": seconds,
             "rss_kib": daemon.rss_kib(),
-            "fds": daemon.fds(),
+            "fds": daemon.fd_count(),
         }
         made = count
         if not workers:
@@ -328,7 +308,7 @@ def _run(env: Env, daemon: ScaleDaemon, counts: Sequence[int], clients: Sequence
                     connected = daemon.stats()["clients"] - 1  # less the stats connection
                     log(f"scale: {n:,} idle connections ({connected} clients connected)")
                     by_clients[n] = _measure(workers, env.settings)
-                    fds = daemon.fds()
+                    fds = daemon.fd_count()
                 finally:
                     env.stop_workers(holders)
                 result["clients"].append(
@@ -352,7 +332,7 @@ def _run(env: Env, daemon: ScaleDaemon, counts: Sequence[int], clients: Sequence
             "count": counts[-1],
             "idle": clients[-1],
             "connected": connected,
-            "fds": daemon.fds(),
+            "fds": daemon.fd_count(),
             "rss_kib": daemon.rss_kib(),
             **{k: _summary(v) for k, v in both.items()},
         }

@@ -11,7 +11,7 @@ import pytest
 
 from shmbroker import _shm_names
 
-from .helpers import DaemonProc
+from .helpers import DaemonProc, running_daemon
 
 
 def _close_default() -> None:
@@ -23,17 +23,15 @@ def _close_default() -> None:
 
 @pytest.fixture(scope="module")
 def shm_daemon() -> Iterator[DaemonProc]:
-    d = DaemonProc()
     old = os.environ.get("SHMBROKER_SOCKET")
-    try:
-        d.start()
-        os.environ["SHMBROKER_SOCKET"] = d.socket
-        _close_default()
-        yield d
-    finally:
-        _close_default()
-        if old is None:
-            os.environ.pop("SHMBROKER_SOCKET", None)
-        else:
-            os.environ["SHMBROKER_SOCKET"] = old
-        d.cleanup()
+    with running_daemon() as d:
+        try:
+            os.environ["SHMBROKER_SOCKET"] = d.socket
+            _close_default()
+            yield d
+        finally:
+            _close_default()
+            if old is None:
+                os.environ.pop("SHMBROKER_SOCKET", None)
+            else:
+                os.environ["SHMBROKER_SOCKET"] = old

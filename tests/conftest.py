@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import PREFIXES, DaemonProc
+from .helpers import PREFIXES, DaemonProc, running_daemon
 
 
 def _children(pid: int) -> set[int]:
@@ -69,9 +69,5 @@ def no_leaks() -> Iterator[None]:
 
 @pytest.fixture
 def daemon() -> Iterator[DaemonProc]:
-    d = DaemonProc()
-    try:
-        d.start()
+    with running_daemon() as d:
         yield d
-    finally:
-        d.cleanup()

@@ -419,7 +419,8 @@ class Gen:
             base.codes = None
             base.ok = True
         kind = rng.choice(_MUTATIONS)
-        return getattr(self, "mut_" + kind)(req, base)
+        out: Out = getattr(self, "mut_" + kind)(req, base)
+        return out
 
     def _out(self, kind: str, req: dict[str, Any], p: Pending, data: bytes | None = None) -> Out:
         if data is None:
@@ -469,6 +470,7 @@ class Gen:
         rng = self.rng
         op = req["op"]
         options = BAD_VALUES.get(op, [])
+        value: Any
         if not options or rng.random() < 0.3:
             key, value = "id", rng.choice([-1, MAX_ID, MAX_ID + 5, 1.0, "1", True, None, []])
         else:
@@ -971,6 +973,7 @@ class Worker(threading.Thread):
             ):
                 problem = "hello result"
         elif op in ("create", "open"):
+            seg: Any
             seg, lease = reply.get("segment"), reply.get("lease")
             problem = _segment_problem(seg, req.get("name"))
             if keys != {"segment", "lease"} or not isinstance(lease, str) or len(lease) < 16:
@@ -980,7 +983,7 @@ class Worker(threading.Thread):
                 problem = _grant_problem(op, req, seg, access)
             want_fds = 1 if op == "create" or req.get("fd", True) is not False else 0
             if not problem and len(fds) == want_fds == 1:
-                problem = _fd_problem(fds[0], access, seg["size"])  # type: ignore[index]
+                problem = _fd_problem(fds[0], access, seg["size"])
             if isinstance(lease, str):
                 conn.leases[lease] = str(req.get("name"))
                 self.shared.tokens.append(lease)
@@ -1002,7 +1005,7 @@ class Worker(threading.Thread):
             if keys != {"clients", "next"} or not isinstance(clients, list):
                 problem = "clients result"
             else:
-                ids = [c.get("id") for c in clients if isinstance(c, dict)]
+                ids: list[Any] = [c.get("id") for c in clients if isinstance(c, dict)]
                 if ids != sorted(ids) or len(ids) != len(clients):
                     problem = "clients not by id"
         elif op == "stats":
@@ -1324,7 +1327,7 @@ def run_fuzz(
     elapsed = time.monotonic() - start
     counts: Counter[str] = Counter()
     for w in workers:
-        counts[f"finish_s:{w.name}"] = round(w.finished - start, 1)
+        counts[f"finish_s:{w.name}"] = round(w.finished - start, 1)  # type: ignore[assignment]
     violations: Counter[str] = Counter()
     samples: list[str] = []
     for w in workers:

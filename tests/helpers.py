@@ -8,155 +8,39 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from .support import launcher
+from .support.launcher import REPO as REPO  # re-exported: tests/stress and others use it
+from .support.launcher import Daemon
+
 #: shm prefix of every daemon this test process started (the leak check uses it)
 PREFIXES: set[str] = set()
 #: every test daemon's prefix starts so: entries of other test runs are not ours
 TEST_PREFIX = "sbt"
 
 
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(v)
-
-
-class DaemonProc:
-    """``shmbrokerd`` started as a subprocess with its own socket, state and prefix."""
+class DaemonProc(Daemon):
+    """The tests' daemon: world-connectable, logging at debug, its prefix known to
+    the leak check (``conftest.no_leaks``)."""
 
     def __init__(self, config: dict[str, Any] | None = None, root: Path | None = None) -> None:
-        self.root = root or Path(tempfile.mkdtemp(prefix="sbt-", dir="/tmp"))
-        os.chmod(self.root, 0o755)
-        self.socket = str(self.root / "s.sock")
-        self.state_dir = self.root / "state"
-        self.prefix = f"{TEST_PREFIX}{secrets.token_hex(4)}."
+        super().__init__(
+            {"socket_mode": 0o666, "log_level": "debug", **(config or {})}, root, tag=TEST_PREFIX
+        )
         PREFIXES.add(self.prefix)
-        self.config_path = self.root / "shmbrokerd.toml"
-        self.log_path = self.root / "daemon.log"
-        self.config: dict[str, Any] = {
-            "socket": self.socket,
-            "state_dir": str(self.state_dir),
-            "shm_prefix": self.prefix,
-            "socket_mode": 0o666,
-            "log_level": "debug",
-        }
-        self.config.update(config or {})
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def write_config(self, **changes: Any) -> None:
-        self.config.update(changes)
-        text = "".join(f"{k} = {toml_value(v)}\n" for k, v in self.config.items())
-        self.config_path.write_text(text)
-
-    def start(
-        self, *extra: str, wait: bool = True, env: dict[str, str] | None = None
-    ) -> DaemonProc:
-        self.write_config()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "shmbrokerd", "--config", str(self.config_path), *extra],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-            )
-        if wait:
-            self.wait_ready()
-        return self
-
-    def wait_ready(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        assert self.proc is not None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(OSError):
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                try:
-                    s.connect(self.socket)
-                    return
-                finally:
-                    s.close()
-            time.sleep(0.02)
-        raise TimeoutError(f"daemon not ready:\n{self.log()}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM and wait; SIGKILL if it does not go."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def objects(self) -> list[str]:
-        """The segments' objects in /dev/shm (not the prefix lock)."""
-        return sorted(n for n in self.entries() if n != self.lock_name)
-
-    @property
-    def lock_name(self) -> str:
-        return self.prefix + "lock"
-
-    def entries(self) -> list[str]:
-        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(self.prefix))
-
-    def cleanup(self) -> None:
-        self.stop()
-        for name in self.entries():  # what a killed daemon left behind
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join("/dev/shm", name))
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def running_daemon(config: dict[str, Any] | None = None) -> Iterator[DaemonProc]:
-    d = DaemonProc(config)
-    try:
-        d.start()
+    with launcher.running_daemon(DaemonProc(config)) as d:
         yield d
-    finally:
-        d.cleanup()
 
 
 def _client_argv(

@@ -83,7 +83,7 @@ def test_stats_count_a_bad_name_under_invalid_as_documented(daemon: DaemonProc) 
 
 def test_the_async_client_says_the_same(daemon: DaemonProc) -> None:
     async def scenario() -> None:
-        b = await AsyncBroker.connect(daemon.socket)
+        b: AsyncBroker = await AsyncBroker.connect(daemon.socket)
         with await b.create("async/x", 4096) as seg:
             with pytest.raises(TypeError, match="size must be int, not str"):
                 await b.create("async/y", "10")  # type: ignore[arg-type]

@@ -64,7 +64,7 @@ def collect(w: Watcher, b: Broker, prefix: str) -> list[Event]:
     """
     marker = f"{prefix}{MARK}{next(_markers)}"
     b.create(marker, 1).close()
-    events = []
+    events: list[Event] = []
     while True:
         ev = w.next(timeout=10)
         if ev.name == marker and ev.event == "deleted":
@@ -352,7 +352,7 @@ def test_the_publisher_knows_which_prefixes_are_subscribed(tmp_path: Path) -> No
     import zmq
 
     p = _Publisher(tmp_path)
-    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     try:
         assert not p.pub.wanted("a/x")
         sub.connect(p.endpoint)
@@ -375,7 +375,7 @@ def test_a_stray_unsubscribe_does_not_silence_subscribers(tmp_path: Path) -> Non
     import zmq
 
     p = _Publisher(tmp_path)
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sub, rogue = ctx.socket(zmq.SUB), ctx.socket(zmq.XSUB)
     try:
         sub.connect(p.endpoint)
@@ -400,7 +400,7 @@ def test_a_flood_up_the_event_socket_is_read_in_bounded_turns(tmp_path: Path) ->
     import zmq
 
     p = _Publisher(tmp_path)
-    rogue = zmq.Context.instance().socket(zmq.XSUB)
+    rogue: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.XSUB)
     try:
         rogue.connect(p.endpoint)
         for i in range(900):  # under the socket's receive high-water mark (1000)

@@ -49,12 +49,12 @@ def test_arguments() -> None:
     for bad in ("fast", "", "BLOCK"):
         with pytest.raises(ValueError, match="idle must be"):
             Idle(bad)  # type: ignore[arg-type]
-    for bad in (-1, 1_000_001, float("nan")):
+    for out_of_range in (-1, 1_000_001, float("nan")):
         with pytest.raises(ValueError, match="microseconds"):
-            Idle(bad)
-    for bad in (None, True, [10], b"spin"):
+            Idle(out_of_range)
+    for not_a_mode in (None, True, [10], b"spin"):
         with pytest.raises(TypeError):
-            Idle(bad)  # type: ignore[arg-type]
+            Idle(not_a_mode)  # type: ignore[arg-type]
 
 
 def test_broker_refuses_a_bad_idle_before_connecting() -> None:
@@ -66,7 +66,7 @@ def test_broker_refuses_a_bad_idle_before_connecting() -> None:
 
 def test_one_cpu_never_spins() -> None:
     for mode in ("spin", "adaptive", 500):
-        idle = Idle(mode, count_cpus=lambda: 1)  # type: ignore[arg-type]
+        idle = Idle(mode, count_cpus=lambda: 1)
         for t in range(0, 10 * WINDOW_NS, WINDOW_NS // 3):
             assert idle.begin(t) == 0
             idle.end(0, 50 * US)
@@ -87,7 +87,7 @@ def test_no_spin_while_the_machine_has_more_runnable_tasks_than_cpus() -> None:
     tasks = [5]
     for mode in ("spin", "adaptive", 500):
         tasks[0] = 5
-        idle = Idle(mode, count_cpus=lambda: 2, count_runnable=lambda: tasks[0])  # type: ignore[arg-type]
+        idle = Idle(mode, count_cpus=lambda: 2, count_runnable=lambda: tasks[0])
         assert idle.begin(0) == 0
         assert idle.kind == FORCED
         tasks[0] = 2  # the daemon and this client: a CPU each

@@ -259,14 +259,7 @@ LIMITED = (
 
 def start_with_nofile(d: DaemonProc, limit: int) -> None:
     """DaemonProc.start, but the daemon runs with at most ``limit`` fds."""
-    d.write_config()
-    with open(d.log_path, "ab") as log:
-        d.proc = subprocess.Popen(
-            [sys.executable, "-c", LIMITED, str(limit), "--config", str(d.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    d.wait_ready()
+    d.start(command=(sys.executable, "-c", LIMITED, str(limit)))
 
 
 def cpu_seconds(pid: int) -> float:

@@ -52,7 +52,7 @@ def _check_error_reply(rid: int | None, err: BrokerError) -> dict[str, Any]:
     """The error reply the daemon would send is UTF-8 JSON of the contract's shape."""
     data = encode_error(rid, err)
     assert len(data) <= wire.MAX_MESSAGE
-    body = json.loads(data.decode("utf-8"))
+    body: dict[str, Any] = json.loads(data.decode("utf-8"))
     assert set(body) == {"id", "ok", "error"}
     assert body["id"] == rid
     assert body["ok"] is False
@@ -143,7 +143,7 @@ def test_decode_accepts_surrounding_json_whitespace() -> None:
 def test_decode_accepts_escaped_ascii_in_strings() -> None:
     rid, req = decode(b'{"id":1,"op":"stat","name":"\\u0061/\\u0062"}')
     assert rid == 1
-    assert isinstance(req, wire.REQUESTS["stat"])
+    assert isinstance(req, wire.Stat)
     assert req.name == "a/b"
 
 

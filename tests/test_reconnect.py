@@ -7,21 +7,20 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from shmbroker import AsyncBroker, Broker
 from shmbrokerd.daemon import JOURNAL_LAG
 
-from .helpers import DaemonProc
+from .helpers import DaemonProc, running_daemon
 
 
 @pytest.fixture
-def restartable() -> DaemonProc:
-    d = DaemonProc({"reclaim_window": 20.0})
-    d.start()
-    yield d  # type: ignore[misc]
-    d.cleanup()
+def restartable() -> Iterator[DaemonProc]:
+    with running_daemon({"reclaim_window": 20.0}) as d:
+        yield d
 
 
 def test_sync_client_reclaims_after_sigkill(restartable: DaemonProc) -> None:

@@ -11,7 +11,6 @@ read).
 from __future__ import annotations
 
 import os
-import signal
 
 from shmbroker import Broker
 
@@ -67,8 +66,7 @@ def test_close_after_the_daemon_died_returns_at_once(daemon: DaemonProc) -> None
     b = Broker(daemon.socket, reconnect_timeout=0.5, pipeline_release=True)
     try:
         seg = b.create("rel/d", 4096)
-        os.kill(daemon.proc.pid, signal.SIGKILL)
-        daemon.proc.wait()
+        daemon.kill()
         seg.close()  # neither raises nor waits
         seg.close()
     finally:
@@ -96,8 +94,7 @@ def test_close_unmaps_whether_or_not_the_release_goes_out(daemon: DaemonProc) ->
     seg = b.create("rel/v", 4096)
     fd = seg.fd
     try:
-        os.kill(daemon.proc.pid, signal.SIGKILL)
-        daemon.proc.wait()
+        daemon.kill()
         seg.close()  # the release is not sent: unmapped all the same
         assert not fd_is_open(fd), os.readlink(f"/proc/self/fd/{fd}")
         assert seg.closed

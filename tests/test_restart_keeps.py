@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from shmbroker import Broker, SegmentNotFoundError
 
-from .helpers import DaemonProc, eventually, run_client, spawn_client, wait_line
+from .helpers import DaemonProc, eventually, run_client, running_daemon, spawn_client, wait_line
 
 HOLDER = """
 import logging
@@ -46,11 +47,9 @@ def _read(d: DaemonProc, name: str) -> str:
 
 
 @pytest.fixture
-def holder_daemon() -> DaemonProc:
-    d = DaemonProc({"reclaim_window": 1.5})
-    d.start()
-    yield d  # type: ignore[misc]
-    d.cleanup()
+def holder_daemon() -> Iterator[DaemonProc]:
+    with running_daemon({"reclaim_window": 1.5}) as d:
+        yield d
 
 
 def test_sigterm_keeps_held_segments_and_the_holder_reclaims_them(

@@ -325,8 +325,8 @@ def hammer(
 
 
 IDLE_READER = """
-import shmbroker.ring
-shmbroker.ring._READER_WAIT = 30.0  # no safety-net wake-up: only the doorbell can wake us
+import shmbroker.ring.reader
+shmbroker.ring.reader._READER_WAIT = 30.0  # no safety-net wake-up: only the doorbell can wake us
 with Broker(SOCK) as b, Ring.open(b, "rings/idle", wait=10) as r:
     print("READY", flush=True)
     data = r.read()

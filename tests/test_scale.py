@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import socket
+from typing import Any
 
 from shmbroker import Broker
 
@@ -16,7 +17,7 @@ COUNT = 100_000
 BATCH = 200
 
 
-def _pipeline(sock: socket.socket, requests: list[dict[str, object]]) -> list[dict[str, object]]:
+def _pipeline(sock: socket.socket, requests: list[dict[str, object]]) -> list[dict[str, Any]]:
     """Send a batch, read its replies, close every fd they carry."""
     for req in requests:
         sock.send(json.dumps(req).encode())

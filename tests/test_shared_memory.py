@@ -96,6 +96,7 @@ def test_segment_outlives_its_creator_and_attachers(how: str, track: bool) -> No
 def test_unrelated_process_unlinks_while_the_creator_maps_it() -> None:
     """``unlink()`` from any process the mode allows; the creator's mapping stays valid."""
     shm = SharedMemory(create=True, size=100)
+    assert shm.buf is not None
     shm.buf[:3] = b"abc"
     child(f"shared_memory.SharedMemory({shm.name!r}).unlink()\n")
     assert gone(shm.name)
@@ -131,6 +132,7 @@ def test_lifetime_owner_cleans_up_when_the_creator_dies() -> None:
     try:
         name = wait_line(proc).split()[1]
         attached = SharedMemory(name)
+        assert attached.buf is not None
         attached.buf[0] = 7
     finally:
         proc.kill()
@@ -313,6 +315,8 @@ def test_names() -> None:
         assert shm._name == "//slashed"
         plain = SharedMemory("slashed")  # glibc drops leading "/": the same object
         assert plain.name == "slashed"
+        assert plain.buf is not None
+        assert shm.buf is not None
         plain.buf[0] = 9
         assert shm.buf[0] == 9
         plain.close()
@@ -355,6 +359,7 @@ def test_broker_names_attach() -> None:
     with Broker() as broker, broker.create("camera/front", 16, lifetime="persistent") as seg:
         seg.buf[:2] = b"ok"
         shm = SharedMemory("camera/front")
+        assert shm.buf is not None
         assert bytes(shm.buf[:2]) == b"ok"
         shm.close()
         shm.unlink()
@@ -377,6 +382,7 @@ def test_pickle_attaches_in_another_process() -> None:
     try:
         data = pickle.dumps(shm).hex()
         child(f"import pickle\nshm = pickle.loads(bytes.fromhex({data!r}))\nshm.buf[:2] = b'pk'\n")
+        assert shm.buf is not None
         assert bytes(shm.buf[:2]) == b"pk"
     finally:
         shm.close()
@@ -392,8 +398,10 @@ def test_fork_child_uses_its_own_connection() -> None:
             try:
                 inherited = shm  # the parent's object and lease
                 own = SharedMemory(shm.name)  # over a new connection, this child's
+                assert own.buf is not None
                 own.buf[0] = 42
                 own.close()
+                assert inherited.buf is not None
                 inherited.buf[1] = 43
                 inherited.close()  # leaves the parent's lease alone
                 code = 0
@@ -401,6 +409,7 @@ def test_fork_child_uses_its_own_connection() -> None:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
+        assert shm.buf is not None
         assert bytes(shm.buf[:2]) == bytes([42, 43])
         again = SharedMemory(shm.name)  # the parent's connection still answers
         again.close()
@@ -444,6 +453,7 @@ def test_readonly_is_enforced_by_the_kernel() -> None:
         )
         assert proc.stdout.split() == ["refused"]
         assert proc.returncode == -signal.SIGSEGV
+        assert shm.buf is not None
         assert shm.buf[0] == 0
     finally:
         shm.close()
@@ -473,6 +483,7 @@ def test_wait_for_creation() -> None:
 def test_mode_lets_another_user_read() -> None:
     private = SharedMemory(create=True, size=8)
     shared = SharedMemory(create=True, size=8, mode=0o644)
+    assert shared.buf is not None
     shared.buf[0] = 5
     code = """
 from shmbroker import shared_memory

@@ -14,6 +14,8 @@ tests/test_shared_memory.py.
 Changes, each marked ADAPTED or INVERTED where it is made; the bodies are
 otherwise CPython's (reformatted by ruff):
 
+* signatures: annotated for mypy (pyproject.toml relaxes only strict
+  optional checking for this file, so the bodies stay CPython's).
 * imports: ``from shmbroker import shared_memory``; the patch target
   ``shmbroker.shared_memory._make_filename``; ``SharedMemoryManager`` from
   ``shmbroker.shared_memory`` instead of ``multiprocessing.managers``.
@@ -68,7 +70,9 @@ class _TestSharedMemory(unittest.TestCase):
     __test__ = False
 
     @staticmethod
-    def _attach_existing_shmem_then_write(shmem_name_or_obj, binary_data):
+    def _attach_existing_shmem_then_write(
+        shmem_name_or_obj: str | shared_memory.SharedMemory, binary_data: bytes
+    ) -> None:
         if isinstance(shmem_name_or_obj, str):
             local_sms = shared_memory.SharedMemory(shmem_name_or_obj)
         else:
@@ -76,13 +80,13 @@ class _TestSharedMemory(unittest.TestCase):
         local_sms.buf[: len(binary_data)] = binary_data
         local_sms.close()
 
-    def _new_shm_name(self, prefix):
+    def _new_shm_name(self, prefix: str) -> str:
         # Add a PID to the name of a POSIX shared memory object to allow
         # running multiprocessing tests (test_multiprocessing_fork,
         # test_multiprocessing_spawn, etc) in parallel.
         return prefix + str(os.getpid())
 
-    def test_shared_memory_basics(self):
+    def test_shared_memory_basics(self) -> None:
         name_tsmb = self._new_shm_name("test01_tsmb")
         sms = shared_memory.SharedMemory(name_tsmb, create=True, size=512)
         self.addCleanup(sms.unlink)
@@ -185,7 +189,7 @@ class _TestSharedMemory(unittest.TestCase):
 
         sms.close()
 
-    def test_shared_memory_recreate(self):
+    def test_shared_memory_recreate(self) -> None:
         # Test if shared memory segment is created properly,
         # when _make_filename returns an existing shared memory segment name
         with unittest.mock.patch("shmbroker.shared_memory._make_filename") as mock_make_filename:
@@ -205,7 +209,7 @@ class _TestSharedMemory(unittest.TestCase):
             self.addCleanup(shm2.unlink)
             self.assertEqual(shm2._name, names[1])
 
-    def test_invalid_shared_memory_cration(self):
+    def test_invalid_shared_memory_cration(self) -> None:
         # Test creating a shared memory segment with negative size
         with self.assertRaises(ValueError):
             sms_invalid = shared_memory.SharedMemory(create=True, size=-1)
@@ -218,7 +222,7 @@ class _TestSharedMemory(unittest.TestCase):
         with self.assertRaises(ValueError):
             sms_invalid = shared_memory.SharedMemory(create=True)
 
-    def test_shared_memory_pickle_unpickle(self):
+    def test_shared_memory_pickle_unpickle(self) -> None:
         for proto in range(pickle.HIGHEST_PROTOCOL + 1):
             with self.subTest(proto=proto):
                 sms = shared_memory.SharedMemory(create=True, size=512)
@@ -244,7 +248,7 @@ class _TestSharedMemory(unittest.TestCase):
                 self.assertEqual(bytes(sms.buf[0:6]), b"oldval")
                 self.assertEqual(bytes(sms2.buf[0:6]), b"oldval")
 
-    def test_shared_memory_pickle_unpickle_dead_object(self):
+    def test_shared_memory_pickle_unpickle_dead_object(self) -> None:
         for proto in range(pickle.HIGHEST_PROTOCOL + 1):
             with self.subTest(proto=proto):
                 sms = shared_memory.SharedMemory(create=True, size=512)
@@ -259,7 +263,7 @@ class _TestSharedMemory(unittest.TestCase):
                 with self.assertRaises(FileNotFoundError):
                     pickle.loads(pickled_sms)
 
-    def test_shared_memory_across_processes(self):
+    def test_shared_memory_across_processes(self) -> None:
         # bpo-40135: don't define shared memory block's name in case of
         # the failure when we run multiprocessing tests in parallel.
         sms = shared_memory.SharedMemory(create=True, size=512)
@@ -282,7 +286,7 @@ class _TestSharedMemory(unittest.TestCase):
         sms.close()
 
     @unittest.skipIf(os.name != "posix", "not feasible in non-posix platforms")
-    def test_shared_memory_SharedMemoryServer_ignores_sigint(self):
+    def test_shared_memory_SharedMemoryServer_ignores_sigint(self) -> None:
         # bpo-36368: protect SharedMemoryManager server process from
         # KeyboardInterrupt signals.
         smm = shared_memory.SharedMemoryManager()
@@ -316,7 +320,7 @@ class _TestSharedMemory(unittest.TestCase):
         smm.shutdown()
 
     @unittest.skipIf(os.name != "posix", "resource_tracker is posix only")
-    def test_shared_memory_SharedMemoryManager_reuses_resource_tracker(self):
+    def test_shared_memory_SharedMemoryManager_reuses_resource_tracker(self) -> None:
         # bpo-36867: test that a SharedMemoryManager uses the
         # same resource_tracker process as its parent.
         cmd = """if 1:
@@ -340,7 +344,7 @@ class _TestSharedMemory(unittest.TestCase):
         # properly released sl.
         self.assertFalse(err)
 
-    def test_shared_memory_SharedMemoryManager_basics(self):
+    def test_shared_memory_SharedMemoryManager_basics(self) -> None:
         smm1 = shared_memory.SharedMemoryManager()
         with self.assertRaises(ValueError):
             smm1.SharedMemory(size=9)  # Fails if SharedMemoryServer not started
@@ -369,7 +373,7 @@ class _TestSharedMemory(unittest.TestCase):
                 # No longer there to be attached to again.
                 absent_sl = shared_memory.ShareableList(name=held_name)
 
-    def test_shared_memory_ShareableList_basics(self):
+    def test_shared_memory_ShareableList_basics(self) -> None:
         sl = shared_memory.ShareableList(["howdy", b"HoWdY", -273.154, 100, None, True, 42])
         self.addCleanup(sl.shm.unlink)
 
@@ -474,7 +478,7 @@ class _TestSharedMemory(unittest.TestCase):
         finally:
             empty_sl.shm.unlink()
 
-    def test_shared_memory_ShareableList_pickling(self):
+    def test_shared_memory_ShareableList_pickling(self) -> None:
         for proto in range(pickle.HIGHEST_PROTOCOL + 1):
             with self.subTest(proto=proto):
                 sl = shared_memory.ShareableList(range(10))
@@ -500,7 +504,7 @@ class _TestSharedMemory(unittest.TestCase):
                 deserialized_sl.shm.close()
                 sl.shm.close()
 
-    def test_shared_memory_ShareableList_pickling_dead_object(self):
+    def test_shared_memory_ShareableList_pickling_dead_object(self) -> None:
         for proto in range(pickle.HIGHEST_PROTOCOL + 1):
             with self.subTest(proto=proto):
                 sl = shared_memory.ShareableList(range(10))
@@ -514,7 +518,7 @@ class _TestSharedMemory(unittest.TestCase):
                 with self.assertRaises(FileNotFoundError):
                     pickle.loads(serialized_sl)
 
-    def test_shared_memory_cleaned_after_process_termination(self):
+    def test_shared_memory_cleaned_after_process_termination(self) -> None:
         # INVERTED (tracker-specific): CPython's resource tracker unlinks the
         # segment of a terminated creator and warns about a "leak".  Here the
         # segment outlives its creator until unlink(), and nothing is printed.

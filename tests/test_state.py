@@ -38,7 +38,7 @@ def test_a_grant_is_on_file_before_its_reply_an_unlease_may_trail(tmp_path: Path
 def test_a_snapshot_from_the_kept_records_loads_as_the_journal_would(tmp_path: Path) -> None:
     seg = {"k": "seg", "id": "s1", "name": "a", "size": 1, "sealed": False, "at": None}
     other = {**seg, "id": "s2", "name": "b"}
-    history = [
+    history: list[dict[str, Any]] = [
         seg,
         other,
         {"k": "lease", "t": "t1", "s": "s1", "u": 0, "a": "ro", "c": True},

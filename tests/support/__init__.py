@@ -1,0 +1,1 @@
+"""What tests (and the benchmarks in ``bench/``) share to run the real thing."""
