@@ -24,7 +24,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 # Debian packages needed to build systemd-python (and any other C extension).
-# tmux: tests/test_top.py runs `shmbrokerctl top` in a real terminal.
+# tmux: tests/integration/test_top.py runs `shmbrokerctl top` in a real terminal.
 APT_PACKAGES := libsystemd-dev pkg-config gcc tmux
 # Only for Debian's own interpreter (/usr/bin/python3): its headers and venv
 # support are separate packages. Another interpreter (pyenv, a self-built
@@ -115,7 +115,7 @@ stress: setup
 	SHMBROKER_STRESS=1 SHMBROKER_WRITE_REPORT=1 tests/run-isolated $(VPY) -m pytest tests/stress -m stress
 
 fuzz: setup
-	$(VPY) -m tests.fuzz_live --messages 1000000 --spawn
+	$(VPY) -m tests.fuzz.fuzz_live --messages 1000000 --spawn
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build client/build

@@ -22,7 +22,7 @@ from shmbroker import wire
 __all__ = ["OPS", "Op", "Policy", "Quota", "Rule"]
 
 #: What a rule may allow (the config's ``allow``); a static type for mypy and
-#: the config's validation, which tests/test_surface.py holds equal to ``OPS``.
+#: the config's validation, which tests/unit/test_surface.py holds equal to ``OPS``.
 Op = Literal["create", "open_ro", "open_rw", "seal", "delete"]
 #: Each wire op's policy operations (``wire.OpSpec.policy``), in the ops' order.
 OPS = cast("tuple[Op, ...]", tuple(p for spec in wire.OPS for p in spec.policy))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import PREFIXES, DaemonProc, running_daemon
+from tests.support.helpers import PREFIXES, DaemonProc, running_daemon
 
 
 def _children(pid: int) -> set[int]:

@@ -1,7 +1,7 @@
 """``ShareableList``: CPython's fixed-length list in shared memory, byte for byte.
 
 The layout is CPython's, so that either implementation reads what the
-other wrote (tests/test_shared_memory.py checks it on the same bytes):
+other wrote (tests/integration/test_shared_memory.py checks it on the same bytes):
 
 * ``q``: the number of items N;
 * N + 1 ``q``: each item's offset into the data area, then the area's end;

@@ -190,7 +190,7 @@ class Drop(_Request):
 
 #: The requests as one type, for mypy and pydantic's discriminated union
 #: (``shmbrokerd.protocol``).  It must be spelled out to be a static type;
-#: tests/test_surface.py checks that it holds exactly the models of ``OPS``.
+#: tests/unit/test_surface.py checks that it holds exactly the models of ``OPS``.
 Request = (
     Hello
     | Create
@@ -340,7 +340,7 @@ class OpSpec:
 
     Adding an op is adding one of these to ``OPS`` (docs/protocol.md, "Adding
     an op", lists the rest); the tables below and the daemon's dispatch
-    derive from it, and tests/test_surface.py fails until every part exists.
+    derive from it, and tests/unit/test_surface.py fails until every part exists.
     """
 
     request: type[_Request]

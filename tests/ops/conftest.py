@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ..systemd_sandbox import host_dev_intruders
+from tests.support.systemd_sandbox import host_dev_intruders
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Smoke test of the private-systemd sandbox (tests/systemd_sandbox.py).
+"""Smoke test of the private-systemd sandbox (tests/support/systemd_sandbox.py).
 
 Boots a sandbox, runs a Type=notify unit in it, and checks that nothing of
 the host was touched: its /tmp (the note's worst danger), /etc/passwd (after
@@ -23,7 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from ..systemd_sandbox import SKIP_ENV, SystemdSandbox, host_dev_intruders, sandbox_available
+from tests.support.systemd_sandbox import (
+    SKIP_ENV,
+    SystemdSandbox,
+    host_dev_intruders,
+    sandbox_available,
+)
 
 pytestmark = pytest.mark.systemd
 

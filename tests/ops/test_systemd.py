@@ -1,6 +1,6 @@
 """Operations under a real, private systemd: the shipped units, installed by `make install`.
 
-One sandbox (``tests/systemd_sandbox.py``) is booted for the module; inside it
+One sandbox (``tests/support/systemd_sandbox.py``) is booted for the module; inside it
 the repo is installed the way an operator does (``make install``, with the
 host's network for pip), a client user in group ``shmbroker`` is added, and
 ``shmbrokerd.socket`` is started.  Before each test the service is stopped,
@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from ..systemd_sandbox import SKIP_ENV, SystemdSandbox, sandbox_available
+from tests.support.systemd_sandbox import SKIP_ENV, SystemdSandbox, sandbox_available
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(300)]
 

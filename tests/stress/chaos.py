@@ -51,8 +51,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from shmbroker import Broker, BrokerError, Segment
-
-from ..helpers import REPO, DaemonProc
+from tests.support.helpers import REPO, DaemonProc
 
 T = TypeVar("T")
 
@@ -991,13 +990,13 @@ def assert_clean(fig: dict[str, Any]) -> None:
 
 
 FUZZ_PLACEHOLDER = """\
-Not produced by this run. `make fuzz` (`python -m tests.fuzz_live --messages
+Not produced by this run. `make fuzz` (`python -m tests.fuzz.fuzz_live --messages
 1000000 --spawn`) sends random and mutated datagrams, with stray fds attached,
 from several connections to a live daemon and checks every reply against the
 contract; it prints one JSON line of figures. Its last full run here (2026-11-26):
 1,000,000 messages in 138 s, 0 contract violations, daemon fd count 15 before
 and after, RSS 39 MiB before and 42 MiB after, nothing left in `/dev/shm`, no
-traceback in the log. `make test` runs 100,000 of them (`tests/test_fuzz_live.py`)."""
+traceback in the log. `make test` runs 100,000 of them (`tests/fuzz/test_fuzz_live.py`)."""
 
 
 def write_report(fig: dict[str, Any], command: str, path: Path = REPORT) -> None:

@@ -1,7 +1,7 @@
 """The ring's bytes: where every word lives, and the seqlock arithmetic on them.
 
 Pure: nothing here maps, sleeps or talks to the daemon, so it all runs on a
-``bytearray`` (``tests/test_ring_layout.py``).  The writer's and reader's hot
+``bytearray`` (``tests/unit/test_ring_layout.py``).  The writer's and reader's hot
 paths inline the same expressions (``2 * s + 2`` rather than
 ``complete(s)``) to spare a call per message; the names here say what those
 expressions mean.  The format itself is in the package docstring.
