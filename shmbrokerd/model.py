@@ -59,7 +59,7 @@ class SegmentRecord:
     ttl_armed: bool = False
     #: wall-clock end of the running ttl countdown (persisted for restarts)
     ttl_deadline: float | None = None
-    #: the edge's cache of its encoded description (``protocol.encode_grant``);
+    #: the edge's cache of its encoded description (``codec.encode_grant``);
     #: of the fields ``describe`` reports but ``leases``, only ``sealed`` changes
     head: bytes | None = field(default=None, repr=False)
 

@@ -189,7 +189,7 @@ class Drop(_Request):
 
 
 #: The requests as one type, for mypy and pydantic's discriminated union
-#: (``shmbrokerd.protocol``).  It must be spelled out to be a static type;
+#: (``shmbrokerd.codec``).  It must be spelled out to be a static type;
 #: tests/unit/test_surface.py checks that it holds exactly the models of ``OPS``.
 Request = (
     Hello

@@ -1,6 +1,6 @@
 """The sans-IO wire protocol on both sides, fed values: no daemon, no socket.
 
-The daemon half (``shmbrokerd.protocol``) must map every datagram, however
+The daemon half (``shmbrokerd.codec``) must map every datagram, however
 hostile, to a validated request or to an error reply with the contract's
 code, and never raise; the client half (``shmbroker._calls``) must turn
 every reply into the result model or the ``OSError`` subclass the OS would
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from shmbroker import wire
 from shmbroker._calls import ClientProtocol
 from shmbroker.errors import BrokerError, error_from_errno
-from shmbrokerd.protocol import (
+from shmbrokerd.codec import (
     decode,
     decode_checked,
     encode_done,

@@ -18,12 +18,12 @@ import pytest
 
 from shmbroker import AsyncBroker, Broker, wire
 from shmbrokerd import policy
-from shmbrokerd.server import Server
+from shmbrokerd.service import Service
 from tests.fuzz import fuzz_live
 
 PROTOCOL_DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
-#: where the daemon's ``_op_<op>`` handlers live
-HANDLERS = Server
+#: where the daemon's ``op_<op>`` handlers live
+HANDLERS = Service
 
 SPECS = pytest.mark.parametrize("spec", wire.OPS, ids=wire.OP_NAMES)
 
@@ -57,8 +57,8 @@ def test_policy_ops_are_the_specs_policy_operations() -> None:
 
 @SPECS
 def test_daemon_handles_it(spec: wire.OpSpec) -> None:
-    handler = getattr(HANDLERS, "_op_" + spec.op, None)
-    assert callable(handler), f"no {HANDLERS.__name__}._op_{spec.op}"
+    handler = getattr(HANDLERS, "op_" + spec.op, None)
+    assert callable(handler), f"no {HANDLERS.__name__}.op_{spec.op}"
 
 
 @SPECS
