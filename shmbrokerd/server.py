@@ -62,9 +62,6 @@ class Server:
         self._stats_extra = stats_extra
         self.metrics = RequestMetrics()
         self._observe = self.metrics.observe  # per request: one lookup less
-        self.transport = Transport(limits, self, is_operator=is_operator)
-        self.conns = self.transport.conns
-        self._send_now = self.transport.send
         self.effects = EffectRunner(
             registry,
             store,
@@ -76,6 +73,10 @@ class Server:
             memfd_unlinked=memfd_unlinked,
         )
         self._persist = self.effects.persist
+        self.read_done: Callable[[], None] = self.effects.settle
+        self.transport = Transport(limits, self, is_operator=is_operator)
+        self.conns = self.transport.conns
+        self._send_now = self.transport.send
         self.service = Service(
             registry,
             store,
@@ -136,9 +137,6 @@ class Server:
 
     def admitted(self, conn: Connection) -> None:
         self.registry.connect(conn.peer)
-
-    def read_done(self) -> None:
-        self.effects.settle()
 
     def closed(self, conn: Connection) -> None:
         peer = conn.peer

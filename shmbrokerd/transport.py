@@ -78,8 +78,9 @@ class Handler(Protocol):
 
     def received(self, conn: Connection, data: bytes, nfds: int, truncated: bool) -> None: ...
 
-    def read_done(self) -> None:
-        """The wakeup's datagram is handled: what may trail its replies goes now."""
+    #: the wakeup's datagram is handled: what may trail its replies goes now
+    #: (an attribute, so the transport calls the runner's ``settle`` directly)
+    read_done: Callable[[], None]
 
     def closed(self, conn: Connection) -> None: ...
 
