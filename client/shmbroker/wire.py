@@ -2,10 +2,11 @@
 
 This module is the one definition of the contract in code: the client builds
 requests and reads replies with it, and the daemon imports it to validate
-requests and shape replies.  Requests are strict (no coercion, unknown keys
-refused) because every byte from a peer is hostile; replies are read
-leniently (unknown keys ignored) so an older client can talk to a newer
-daemon.
+requests and shape replies.  Each op is declared once, as an ``OpSpec`` in
+``OPS``; every per-op table derives from it.  Requests are strict (no
+coercion, unknown keys refused) because every byte from a peer is hostile;
+replies are read leniently (unknown keys ignored) so an older client can
+talk to a newer daemon.
 """
 
 from __future__ import annotations
