@@ -40,7 +40,7 @@ __all__ = ["Outcome", "Reply", "Service"]
 log = logging.getLogger("shmbrokerd")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen init costs a setattr call per field
 class Reply:
     answer: bytes | Grant
     then: Callable[[], None] | None = None
