@@ -54,22 +54,13 @@ UNLEASE = "unlease"
 
 
 def segment(seg: SegmentRecord) -> Record:
-    """A segment's ``seg`` record (journaled at create, and in every snapshot)."""
-    return {
-        "id": seg.id,
-        "name": seg.name,
-        "size": seg.size,
-        "lifetime": seg.lifetime,
-        "ttl": seg.ttl,
-        "sealed": seg.sealed,
-        "backing": seg.backing,
-        "mode": seg.mode,
-        "created": seg.created,
-        "owner_uid": seg.owner_uid,
-        "owner_gid": seg.owner_gid,
-        "k": "seg",
-        "at": seg.ttl_deadline,
-    }
+    """A segment's ``seg`` record (journaled at create, and in every snapshot):
+    its contract description but ``leases``, then ``k`` and ``at``, in that order."""
+    rec: Record = seg.describe()
+    del rec["leases"]
+    rec["k"] = "seg"
+    rec["at"] = seg.ttl_deadline
+    return rec
 
 
 def unsegment(segment_id: str) -> Record:
