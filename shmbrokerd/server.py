@@ -270,7 +270,7 @@ class Server:
             close_all(fds)
             self.registry.release(conn.peer, grant.lease, time.time())
             raise
-        self._send(conn, encode_grant(rid, grant), fds)
+        self._send_now(conn, encode_grant(rid, grant), fds)  # persisted just above
 
     def _answer_waiter(self, eff: WaitDone) -> None:
         """A waiting open's answer: the reply to an earlier request, maybe another peer's."""

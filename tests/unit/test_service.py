@@ -79,11 +79,6 @@ def _decoded(out: object) -> dict[str, Any]:
     return reply
 
 
-def test_every_op_of_the_contract_has_a_handler() -> None:
-    for spec in wire.OPS:
-        assert callable(getattr(Service, "op_" + spec.op, None)), spec.op
-
-
 def test_create_answers_a_grant_and_its_undo_frees_the_name(h: Harness, tmp_path: Path) -> None:
     conn = h.connection()
     out = h.service.op_create(conn.peer, create_req("a"))
